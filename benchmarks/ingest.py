@@ -1,0 +1,83 @@
+"""Ingest speed: slices/s with 1 and 2 workers against a bare pydicom read loop (the floor).
+
+python benchmarks/ingest.py [--patients 20] [--dicom_dir D]
+
+Writes a phantom (or uses --dicom_dir), then times, in this one run:
+  floor      for f in image files: pydicom.dcmread(f).pixel_array
+  workers=1  python -m data_pipeline.ingest ... --workers 1 (in process)
+  workers=2  the same with two worker processes
+and prints slices/s for each and the ratios the goals are stated in:
+  floor_over_ingest1 <= 2 (within 2x of the floor with one worker)
+  ingest2_over_floor >= 1 (two workers faster than the one-worker floor).
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import pydicom
+
+from data_pipeline import ingest as ingest_lib
+from data_pipeline import phantom
+
+
+def _image_files(dicom_dir: str) -> list[str]:
+    files = []
+    for root, _, names in os.walk(dicom_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            try:
+                modality = pydicom.dcmread(path, stop_before_pixels=True).Modality
+            except Exception:  # not DICOM: the floor reads only what ingest turns into slices.
+                continue
+            if modality in ("CT", "PT", "MR"):
+                files.append(path)
+    return sorted(files)
+
+
+def _floor(files: list[str]) -> float:
+    start = time.perf_counter()
+    for path in files:
+        pydicom.dcmread(path).pixel_array  # noqa: B018 - decoding the pixels is what is timed.
+    return time.perf_counter() - start
+
+
+def _ingest(dicom_dir: str, workers: int) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        summary = ingest_lib.ingest(dicom_dir, out, workers=workers, progress=False, log=lambda _: None)
+        return time.perf_counter() - start, summary.slices
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dicom_dir", default=None, help="Benchmark this tree instead of a phantom.")
+    parser.add_argument("--repeats", type=int, default=2, help="Best of this many runs each.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        dicom_dir = args.dicom_dir
+        if dicom_dir is None:
+            dicom_dir = os.path.join(tmp, "dicom")
+            phantom.write_phantom(dicom_dir, args.patients, seed=args.seed, progress=False)
+        files = _image_files(dicom_dir)
+        if not files:
+            sys.exit(f"error: no image files under {dicom_dir}")
+        _floor(files[:50])  # warm the page cache and imports
+        floor_s = min(_floor(files) for _ in range(args.repeats))
+        one_s, slices = min(_ingest(dicom_dir, 1) for _ in range(args.repeats))
+        two_s, _ = min(_ingest(dicom_dir, 2) for _ in range(args.repeats))
+    floor_rate, one_rate, two_rate = len(files) / floor_s, slices / one_s, slices / two_s
+    print(f"image files {len(files)}, slices ingested {slices}, cpus {os.cpu_count()}")
+    print(f"floor (dcmread + pixel_array)  {floor_rate:8.1f} slices/s")
+    print(f"ingest --workers 1             {one_rate:8.1f} slices/s")
+    print(f"ingest --workers 2             {two_rate:8.1f} slices/s")
+    print(f"floor_over_ingest1={floor_rate / one_rate:.2f}  (goal <= 2)")
+    print(f"ingest2_over_floor={two_rate / floor_rate:.2f}  (goal >= 1)")
+
+
+if __name__ == "__main__":
+    main()

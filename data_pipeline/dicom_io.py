@@ -1,0 +1,396 @@
+"""Reading DICOM image series: headers, classification, slice order and physical units."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pydicom
+import pydicom.errors
+
+IMAGE_MODALITIES = ("CT", "PT", "MR")
+MR_SEQUENCES = ("T1", "T2", "STIR")
+# Cosines closer than this are treated as the same orientation (about 0.06 degrees).
+_ORIENTATION_TOLERANCE = 1e-3
+
+
+class InputProblem(Exception):
+    """A problem with the input data; ``str(e)`` is one line naming the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike | None, reason: str):
+        self.path = None if path is None else str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}" if self.path else reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """What ingest needs to know about one DICOM file, read without its pixels."""
+
+    path: str
+    modality: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    frame_of_reference_uid: str
+    patient_id: str
+    description: str
+    has_pixels: bool
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    rows: int | None
+    columns: int | None
+    pixel_spacing: tuple[float, float] | None
+    sequence: str | None
+
+
+@dataclasses.dataclass
+class Series:
+    """One image series in physical units, slices sorted along the slice normal (ascending).
+
+    Attributes:
+      pixels: float32 (slices, rows, cols): CT in HU, PET in SUV (body weight), MR as stored.
+      positions: float64 (slices, 3) ImagePositionPatient of each slice, in the sorted order.
+      orientation: float64 (6,) ImageOrientationPatient: row direction cosines, then column ones.
+      pixel_spacing: float64 (2,) DICOM PixelSpacing: (spacing between rows, between columns) in mm.
+      sop_instance_uids: SOPInstanceUID of each slice, in the sorted order.
+      units: 'HU', 'SUV', 'SUV_GML' (stored as SUV already), 'BQML' (SUV not computable) or 'MR'.
+    """
+
+    pixels: np.ndarray
+    positions: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: np.ndarray
+    sop_instance_uids: tuple[str, ...]
+    series_instance_uid: str
+    study_instance_uid: str
+    frame_of_reference_uid: str
+    modality: str
+    sequence: str | None
+    patient_id: str
+    description: str
+    units: str
+    files: tuple[str, ...]
+
+    @property
+    def normal(self) -> np.ndarray:
+        """Unit slice normal (3,), row cosines x column cosines."""
+        return slice_normal(self.orientation)
+
+    @property
+    def slice_coords(self) -> np.ndarray:
+        """Position of each slice along the normal, mm, ascending (slices,)."""
+        return self.positions @ self.normal
+
+    @property
+    def slice_spacing(self) -> float:
+        """Median distance between neighbouring slices along the normal (mm); 0 for one slice."""
+        coords = self.slice_coords
+        return float(np.median(np.diff(coords))) if len(coords) > 1 else 0.0
+
+    @property
+    def domain(self) -> str:
+        """The modality name used for domains: CT, PT, or the MR sequence (T1, T2, STIR)."""
+        return self.sequence if self.modality == "MR" and self.sequence else self.modality
+
+
+def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    """Unit normal of the image plane from ImageOrientationPatient (6,)."""
+    cosines = np.asarray(orientation, dtype=np.float64)
+    normal = np.cross(cosines[:3], cosines[3:])
+    return normal / np.linalg.norm(normal)
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value) if value is not None else ""
+
+
+def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def classify_mr_sequence(ds: pydicom.Dataset) -> str | None:
+    """T1, T2 (T2FS included) or STIR for an MR dataset, None when nothing says which.
+
+    The series description is read first (TCIA's are inconsistent but name the weighting), then the
+    timing parameters: an inversion time of 80-250 ms is STIR (fat nulled at 1.5-3 T), short TE and
+    TR is T1 weighted, long TE and TR is T2 weighted.
+    """
+    description = " ".join(
+        _text(ds, k) for k in ("SeriesDescription", "ProtocolName", "SequenceName")
+    )
+    description = description.upper()
+    if "STIR" in description or re.search(r"\bTIRM\b", description):
+        return "STIR"
+    if re.search(r"T2", description):
+        return "T2"
+    if re.search(r"T1", description):
+        return "T1"
+    inversion_ms = _float(ds, "InversionTime")
+    echo_ms = _float(ds, "EchoTime")
+    repetition_ms = _float(ds, "RepetitionTime")
+    scanning = _text(ds, "ScanningSequence").upper()
+    if inversion_ms is not None and 80 <= inversion_ms <= 250 and "IR" in scanning:
+        return "STIR"
+    if echo_ms is not None and repetition_ms is not None:
+        if echo_ms <= 30 and repetition_ms <= 1000:
+            return "T1"
+        if echo_ms >= 60 and repetition_ms >= 1500:
+            return "T2"
+    return None
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Reads one file's header (no pixels).
+
+    Raises:
+      InputProblem: the file is not DICOM, is truncated, or lacks the attributes ingest needs.
+    """
+    path = str(path)
+    try:
+        # Values over 4 KiB (the pixels) are left unread; their length and offset are still known.
+        ds = pydicom.dcmread(path, defer_size=4096)
+    except pydicom.errors.InvalidDicomError:
+        raise InputProblem(path, "not a DICOM file (no DICM preamble)") from None
+    except (EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise InputProblem(path, f"unreadable DICOM ({type(e).__name__}: {e})") from None
+    if "SOPInstanceUID" not in ds or "Modality" not in ds:
+        raise InputProblem(path, "not a DICOM composite object (no SOPInstanceUID or Modality)")
+    modality = _text(ds, "Modality").upper()
+    has_pixels = "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+    _check_not_truncated(path, ds)
+    position = orientation = spacing = None
+    if modality in IMAGE_MODALITIES and has_pixels:
+        try:
+            position = tuple(float(v) for v in ds.ImagePositionPatient)
+            orientation = tuple(float(v) for v in ds.ImageOrientationPatient)
+            spacing = tuple(float(v) for v in ds.PixelSpacing)
+        except (AttributeError, TypeError, ValueError):
+            raise InputProblem(
+                path, "image without ImagePositionPatient/ImageOrientationPatient/PixelSpacing"
+            ) from None
+        if len(position) != 3 or len(orientation) != 6 or len(spacing) != 2:
+            raise InputProblem(path, "malformed image geometry attributes")
+    return Header(
+        path=path,
+        modality=modality,
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
+        patient_id=_text(ds, "PatientID"),
+        description=_text(ds, "SeriesDescription"),
+        has_pixels=has_pixels,
+        position=position,
+        orientation=orientation,
+        rows=int(ds.Rows) if "Rows" in ds else None,
+        columns=int(ds.Columns) if "Columns" in ds else None,
+        pixel_spacing=spacing,
+        sequence=classify_mr_sequence(ds) if modality == "MR" else None,
+    )
+
+
+def _check_not_truncated(path: str, ds: pydicom.Dataset) -> None:
+    """Raises when the file ends before its pixel data does (an interrupted copy or download).
+
+    ``ds`` must come from a deferred read (``defer_size``), so that the pixel data element is
+    still raw: its length and file offset are known without reading the pixels.
+    """
+    if "PixelData" not in ds:
+        return
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)  # (7FE0,0010) Pixel Data, still raw
+    length = getattr(raw, "length", None)
+    offset = getattr(raw, "value_tell", None)
+    if length is None or offset is None or length == 0xFFFFFFFF:  # encapsulated: undefined length
+        return
+    size = os.path.getsize(path)
+    if size < offset + length:
+        raise InputProblem(
+            path, f"truncated: the file ends at byte {size}, its pixel data at {offset + length}"
+        )
+
+
+def _parse_dicom_datetime(date: str, time: str) -> datetime.datetime | None:
+    """DICOM DA + TM (or a DT when ``date`` holds one) -> datetime, None when absent/malformed."""
+    text = (date or "") + (time or "")
+    text = text.split("+")[0].split("-")[0] if len(text) > 8 else text
+    for fmt in ("%Y%m%d%H%M%S.%f", "%Y%m%d%H%M%S", "%Y%m%d%H%M"):
+        try:
+            return datetime.datetime.strptime(text, fmt)
+        except ValueError:
+            continue
+    return None
+
+
+def suv_factor(ds: pydicom.Dataset) -> tuple[float | None, str]:
+    """Multiplier from Bq/ml to body-weight SUV (g/ml), with decay correction to the scan start.
+
+    Returns:
+      (factor, units): factor None when the values are already SUV (Units GML) or SUV cannot be
+      computed (units then says what the values are).
+    """
+    units = _text(ds, "Units").upper()
+    if units == "GML":
+        return None, "SUV_GML"
+    if units != "BQML":
+        return None, units or "UNKNOWN"
+    weight_kg = _float(ds, "PatientWeight")
+    info = ds.get("RadiopharmaceuticalInformationSequence")
+    if not weight_kg or not info:
+        return None, "BQML"
+    drug = info[0]
+    dose_bq = _float(drug, "RadionuclideTotalDose")
+    half_life_s = _float(drug, "RadionuclideHalfLife")
+    if not dose_bq or not half_life_s:
+        return None, "BQML"
+    injection = _parse_dicom_datetime(_text(drug, "RadiopharmaceuticalStartDateTime"), "")
+    if injection is None:
+        injection = _parse_dicom_datetime(
+            _text(ds, "SeriesDate"), _text(drug, "RadiopharmaceuticalStartTime")
+        )
+    # DecayCorrection START: the image values are decay corrected to the series start.
+    scan = _parse_dicom_datetime(_text(ds, "SeriesDate"), _text(ds, "SeriesTime"))
+    decay = 1.0
+    if (
+        injection is not None
+        and scan is not None
+        and _text(ds, "DecayCorrection").upper() != "ADMIN"
+    ):
+        elapsed_s = (scan - injection).total_seconds()
+        decay = math.exp(-math.log(2.0) * elapsed_s / half_life_s)
+    return weight_kg * 1000.0 / (dose_bq * decay), "SUV"
+
+
+def _physical_values(ds: pydicom.Dataset, path: str) -> np.ndarray:
+    try:
+        stored = ds.pixel_array
+    except Exception as e:  # pydicom raises many types for broken or missing pixel data.
+        raise InputProblem(path, f"pixel data unreadable ({type(e).__name__}: {e})") from None
+    if stored.ndim != 2:
+        raise InputProblem(
+            path, f"expected a single-frame greyscale image, got shape {stored.shape}"
+        )
+    slope = _float(ds, "RescaleSlope")
+    intercept = _float(ds, "RescaleIntercept")
+    values = stored.astype(np.float64)
+    if slope is not None:
+        values = values * slope
+    if intercept is not None:
+        values = values + intercept
+    return values
+
+
+def _is_image(path: str, ds: pydicom.Dataset) -> bool:
+    return _text(ds, "Modality").upper() in IMAGE_MODALITIES and "PixelData" in ds
+
+
+def load_series(folder_or_files: str | os.PathLike | Iterable[str | os.PathLike]) -> Series:
+    """Loads one image series in physical units, sorted along the slice normal.
+
+    Args:
+      folder_or_files: a folder holding the series' files (non-image files such as RTSTRUCTs beside
+        them are ignored), or the list of its files.
+
+    Returns:
+      The Series.
+
+    Raises:
+      InputProblem: no image files, several series, inconsistent geometry, unreadable pixels.
+    """
+    if isinstance(folder_or_files, (str, os.PathLike)):
+        folder = str(folder_or_files)
+        if not os.path.isdir(folder):
+            raise InputProblem(folder, "no such folder")
+        files = sorted(
+            os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+        )
+    else:
+        files = sorted(str(f) for f in folder_or_files)
+        folder = os.path.commonpath(files) if files else None
+    datasets = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path)
+        except pydicom.errors.InvalidDicomError:
+            continue
+        except (EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise InputProblem(path, f"unreadable DICOM ({type(e).__name__}: {e})") from None
+        if _is_image(path, ds):
+            datasets.append((path, ds))
+    if not datasets:
+        raise InputProblem(folder, "no DICOM image files (CT, PT or MR with pixels)")
+    series_uids = {_text(ds, "SeriesInstanceUID") for _, ds in datasets}
+    if len(series_uids) > 1:
+        raise InputProblem(folder, f"holds {len(series_uids)} series; pass one series' files")
+    return _assemble(datasets)
+
+
+def _assemble(datasets: list[tuple[str, pydicom.Dataset]]) -> Series:
+    """Sorts the slices of one series and converts them to physical units."""
+    first_path, first = datasets[0]
+    try:
+        orientation = np.array([float(v) for v in first.ImageOrientationPatient])
+        spacing = np.array([float(v) for v in first.PixelSpacing])
+    except (AttributeError, TypeError, ValueError):
+        raise InputProblem(first_path, "image without orientation or pixel spacing") from None
+    normal = slice_normal(orientation)
+    positions, shapes = [], set()
+    for path, ds in datasets:
+        try:
+            slice_orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+            positions.append([float(v) for v in ds.ImagePositionPatient])
+        except (AttributeError, TypeError, ValueError):
+            raise InputProblem(path, "image without ImagePositionPatient") from None
+        if np.abs(slice_orientation - orientation).max() > _ORIENTATION_TOLERANCE:
+            raise InputProblem(path, "slice orientation differs from the rest of its series")
+        shapes.add((int(ds.Rows), int(ds.Columns)))
+    if len(shapes) > 1:
+        raise InputProblem(first_path, f"slices of one series differ in size: {sorted(shapes)}")
+    positions = np.array(positions)
+    coords = positions @ normal
+    order = np.argsort(coords, kind="stable")
+    sorted_coords = coords[order]
+    if len(coords) > 1 and np.min(np.diff(sorted_coords)) < 1e-3:
+        duplicate = datasets[order[int(np.argmin(np.diff(sorted_coords))) + 1]][0]
+        raise InputProblem(duplicate, "two slices of one series at the same position")
+    modality = _text(first, "Modality").upper()
+    factor, units = (None, "HU") if modality == "CT" else (None, "MR")
+    if modality == "PT":
+        factor, units = suv_factor(first)
+    pixels = np.empty((len(datasets),) + shapes.pop(), np.float32)
+    for out_index, in_index in enumerate(order):
+        path, ds = datasets[in_index]
+        values = _physical_values(ds, path)
+        if factor is not None:
+            values = values * factor
+        pixels[out_index] = values
+    return Series(
+        pixels=pixels,
+        positions=positions[order],
+        orientation=orientation,
+        pixel_spacing=spacing,
+        sop_instance_uids=tuple(_text(datasets[i][1], "SOPInstanceUID") for i in order),
+        series_instance_uid=_text(first, "SeriesInstanceUID"),
+        study_instance_uid=_text(first, "StudyInstanceUID"),
+        frame_of_reference_uid=_text(first, "FrameOfReferenceUID"),
+        modality=modality,
+        sequence=classify_mr_sequence(first) if modality == "MR" else None,
+        patient_id=_text(first, "PatientID"),
+        description=_text(first, "SeriesDescription"),
+        units=units,
+        files=tuple(datasets[i][0] for i in order),
+    )

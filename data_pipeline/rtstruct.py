@@ -1,0 +1,319 @@
+"""RTSTRUCT contours: reading, linking to their image series, and even-odd rasterisation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pydicom
+import pydicom.errors
+import skimage.draw
+
+from data_pipeline.dicom_io import InputProblem, Series, slice_normal
+
+DEFAULT_ROI_PATTERNS = ("GTV_Mass", "GTV")
+# Contour points further than this from their mean plane make a contour non-planar (mm).
+_PLANARITY_TOLERANCE_MM = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Contour:
+    """One closed planar contour: points (n, 3) in patient mm (LPS)."""
+
+    points_mm: np.ndarray
+    referenced_sop_uids: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StructureSet:
+    """The parts of an RTSTRUCT that linking and rasterisation need."""
+
+    path: str
+    patient_id: str
+    frame_of_reference_uids: tuple[str, ...]
+    referenced_series_uids: tuple[str, ...]
+    description: str
+    rois: Mapping[str, tuple[Contour, ...]]  # ROI name -> its closed planar contours
+
+    @property
+    def referenced_sop_uids(self) -> set[str]:
+        return {
+            uid
+            for contours in self.rois.values()
+            for c in contours
+            for uid in c.referenced_sop_uids
+        }
+
+    def contour_planes(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(points, plane normal) of every contour, for geometric linking."""
+        return [(c.points_mm, _plane_normal(c.points_mm)) for cs in self.rois.values() for c in cs]
+
+
+def _plane_normal(points_mm: np.ndarray) -> np.ndarray | None:
+    if len(points_mm) < 3:
+        return None
+    centred = points_mm - points_mm.mean(axis=0)
+    normal = np.linalg.svd(centred, full_matrices=False)[2][-1]
+    return normal / np.linalg.norm(normal)
+
+
+def read_rtstruct(path: str | os.PathLike) -> StructureSet:
+    """Reads an RTSTRUCT's ROIs and contours.
+
+    Raises:
+      InputProblem: not a readable RTSTRUCT.
+    """
+    path = str(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except pydicom.errors.InvalidDicomError:
+        raise InputProblem(path, "not a DICOM file (no DICM preamble)") from None
+    except (EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise InputProblem(path, f"unreadable DICOM ({type(e).__name__}: {e})") from None
+    if str(ds.get("Modality", "")).upper() != "RTSTRUCT":
+        raise InputProblem(path, f"not an RTSTRUCT (Modality {ds.get('Modality')!r})")
+    names = {
+        int(roi.ROINumber): str(roi.get("ROIName", f"ROI_{roi.ROINumber}"))
+        for roi in ds.get("StructureSetROISequence", [])
+    }
+    frames, series_uids = [], []
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
+        frames.append(str(frame.get("FrameOfReferenceUID", "")))
+        for study in frame.get("RTReferencedStudySequence", []):
+            for series in study.get("RTReferencedSeriesSequence", []):
+                series_uids.append(str(series.get("SeriesInstanceUID", "")))
+    for roi in ds.get("StructureSetROISequence", []):
+        frames.append(str(roi.get("ReferencedFrameOfReferenceUID", "")))
+    rois: dict[str, list[Contour]] = {}
+    for roi_contour in ds.get("ROIContourSequence", []):
+        name = names.get(
+            int(roi_contour.ReferencedROINumber), f"ROI_{roi_contour.ReferencedROINumber}"
+        )
+        contours = rois.setdefault(name, [])
+        for contour in roi_contour.get("ContourSequence", []):
+            if str(contour.get("ContourGeometricType", "CLOSED_PLANAR")).upper() != "CLOSED_PLANAR":
+                continue
+            data = np.asarray([float(v) for v in contour.get("ContourData", [])], np.float64)
+            if data.size < 9 or data.size % 3:
+                continue
+            uids = tuple(
+                str(item.ReferencedSOPInstanceUID)
+                for item in contour.get("ContourImageSequence", [])
+                if "ReferencedSOPInstanceUID" in item
+            )
+            contours.append(Contour(points_mm=data.reshape(-1, 3), referenced_sop_uids=uids))
+    return StructureSet(
+        path=path,
+        patient_id=str(ds.get("PatientID", "")),
+        frame_of_reference_uids=tuple(dict.fromkeys(f for f in frames if f)),
+        referenced_series_uids=tuple(dict.fromkeys(s for s in series_uids if s)),
+        description=str(ds.get("SeriesDescription", "")),
+        rois={name: tuple(cs) for name, cs in rois.items()},
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesGeometry:
+    """Geometry of an image series, enough to link an RTSTRUCT to it without reading pixels."""
+
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    orientation: np.ndarray  # (6,)
+    slice_coords: np.ndarray  # (slices,) ascending, mm along the normal
+    sop_instance_uids: frozenset[str]
+
+    @property
+    def normal(self) -> np.ndarray:
+        return slice_normal(self.orientation)
+
+    @property
+    def half_spacing(self) -> float:
+        coords = self.slice_coords
+        return 0.5 * float(np.median(np.diff(coords))) if len(coords) > 1 else 1.0
+
+    @classmethod
+    def of(cls, series: Series) -> SeriesGeometry:
+        return cls(
+            series_instance_uid=series.series_instance_uid,
+            frame_of_reference_uid=series.frame_of_reference_uid,
+            orientation=np.asarray(series.orientation),
+            slice_coords=series.slice_coords,
+            sop_instance_uids=frozenset(series.sop_instance_uids),
+        )
+
+
+def geometric_fit(structure: StructureSet, geometry: SeriesGeometry) -> float | None:
+    """Mean distance (mm) of the contour planes to their nearest slice, None when they do not fit.
+
+    They fit when every contour is parallel to the slices and within half a slice spacing of one.
+    """
+    normal = geometry.normal
+    distances = []
+    for points, plane_normal in structure.contour_planes():
+        if plane_normal is not None and abs(float(plane_normal @ normal)) < 1 - 1e-3:
+            return None
+        coord = float((points @ normal).mean())
+        distance = float(np.abs(geometry.slice_coords - coord).min())
+        if distance > geometry.half_spacing:
+            return None
+        distances.append(distance)
+    return float(np.mean(distances)) if distances else None
+
+
+def link_rtstruct(
+    structure: StructureSet, candidates: Sequence[SeriesGeometry]
+) -> tuple[SeriesGeometry, str, list[str]]:
+    """Chooses the image series an RTSTRUCT contours, as SPEC §2 orders it.
+
+    1. the SeriesInstanceUID named in RTReferencedSeriesSequence, when that series is present;
+    2. the series holding most of the ContourImageSequence SOPInstanceUIDs, when any match;
+    3. contour planes on the series' slices (closest fit wins; a warning when several fit).
+    Only series in the RTSTRUCT's frame of reference are candidates, whichever rule links.
+
+    Returns:
+      (series geometry, how it was linked: 'series_uid'|'contour_images'|'geometry', warnings).
+
+    Raises:
+      InputProblem: no series fits.
+    """
+    frames = set(structure.frame_of_reference_uids)
+    if frames:
+        candidates = [g for g in candidates if g.frame_of_reference_uid in frames]
+        if not candidates:
+            raise InputProblem(
+                structure.path, "its FrameOfReferenceUID matches no image series of the patient"
+            )
+    by_uid = {g.series_instance_uid: g for g in candidates}
+    for uid in structure.referenced_series_uids:
+        if uid in by_uid and geometric_fit(structure, by_uid[uid]) is not None:
+            return by_uid[uid], "series_uid", []
+    referenced = structure.referenced_sop_uids
+    if referenced:
+        matches = [(len(referenced & g.sop_instance_uids), g) for g in candidates]
+        best_count = max((count for count, _ in matches), default=0)
+        if best_count:
+            best = [g for count, g in matches if count == best_count]
+            if len(best) == 1:
+                return best[0], "contour_images", []
+    fits = [(fit, g) for g in candidates if (fit := geometric_fit(structure, g)) is not None]
+    if not fits:
+        raise InputProblem(
+            structure.path, "no image series in its frame of reference has slices at its contours"
+        )
+    fits.sort(key=lambda item: item[0])
+    warnings = []
+    if len(fits) > 1:
+        warnings.append(
+            f"{structure.path}: {len(fits)} series fit its contours by geometry; chose the closest "
+            f"(mean plane distance {fits[0][0]:.3f} mm vs {fits[1][0]:.3f} mm)"
+        )
+    return fits[0][1], "geometry", warnings
+
+
+def select_rois(names: Sequence[str], patterns: Sequence[str] = DEFAULT_ROI_PATTERNS) -> str | None:
+    """The first ROI name matching the first pattern that matches any (case-insensitive prefix)."""
+    for pattern in patterns:
+        regex = re.compile(re.escape(pattern), re.IGNORECASE)
+        matching = sorted(name for name in names if regex.match(name.strip()))
+        if matching:
+            return matching[0]
+    return None
+
+
+def rasterise(
+    contours: Sequence[Contour], series: Series, roi_name: str = "", path: str = ""
+) -> tuple[np.ndarray, list[str]]:
+    """Fills contours into a mask aligned with ``series`` by the even-odd rule.
+
+    Each contour goes to the slice nearest along the normal (within half a slice spacing); its
+    points are projected on the row and column direction cosines, and pixels whose centres lie
+    inside are set. Several contours on one slice combine by XOR, so holes stay holes.
+
+    Returns:
+      (mask bool (slices, rows, cols), warnings for contours off the series or outside the image).
+    """
+    num_slices, rows, cols = series.pixels.shape
+    mask = np.zeros((num_slices, rows, cols), bool)
+    warnings = []
+    geometry = SeriesGeometry.of(series)
+    normal, coords = geometry.normal, geometry.slice_coords
+    row_cosines, col_cosines = series.orientation[:3], series.orientation[3:]
+    row_spacing, col_spacing = series.pixel_spacing
+    for contour in contours:
+        points = contour.points_mm
+        along = points @ normal
+        if np.ptp(along) > _PLANARITY_TOLERANCE_MM:
+            warnings.append(
+                f"{path}: ROI {roi_name}: a contour is not parallel to the slices; skipped"
+            )
+            continue
+        distances = np.abs(coords - along.mean())
+        k = int(np.argmin(distances))
+        if distances[k] > geometry.half_spacing + 1e-6:
+            warnings.append(
+                f"{path}: ROI {roi_name}: a contour at {along.mean():.2f} mm lies on no slice; "
+                "skipped"
+            )
+            continue
+        offset = points - series.positions[k]
+        # Column index grows along the row cosines in steps of the column spacing, and vice versa.
+        col_index = offset @ row_cosines / col_spacing
+        row_index = offset @ col_cosines / row_spacing
+        rr, cc = skimage.draw.polygon(row_index, col_index, shape=(rows, cols))
+        inside = (
+            (row_index.max() >= -0.5)
+            & (row_index.min() <= rows - 0.5)
+            & (col_index.max() >= -0.5)
+            & (col_index.min() <= cols - 0.5)
+        )
+        if not inside or rr.size == 0:
+            warnings.append(
+                f"{path}: ROI {roi_name}: a contour on slice {k} lies outside the image; skipped"
+            )
+            continue
+        fill = np.zeros((rows, cols), bool)
+        fill[rr, cc] = True
+        mask[k] ^= fill
+    return mask, warnings
+
+
+def load_rtstruct_masks(
+    rtstruct_path: str | os.PathLike,
+    series: Series,
+    roi_patterns: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Masks of an RTSTRUCT's ROIs aligned with ``series``.
+
+    Each contour is placed on its slice by geometry; ContourImageSequence is not needed (the IBSI
+    data's points at slices that are not there).
+
+    Args:
+      rtstruct_path: the RTSTRUCT file.
+      series: the image series it contours (see ``load_series``).
+      roi_patterns: if given, only the ROI chosen by ``select_rois`` is returned; else all ROIs.
+
+    Returns:
+      {roi_name: bool (slices, rows, cols)}.
+
+    Raises:
+      InputProblem: not an RTSTRUCT, another frame of reference, or no ROI matches the patterns.
+    """
+    structure = read_rtstruct(rtstruct_path)
+    if structure.frame_of_reference_uids and series.frame_of_reference_uid not in set(
+        structure.frame_of_reference_uids
+    ):
+        raise InputProblem(structure.path, "its frame of reference is not the series'")
+    names = list(structure.rois)
+    if roi_patterns is not None:
+        chosen = select_rois(names, roi_patterns)
+        if chosen is None:
+            raise InputProblem(
+                structure.path, f"no ROI matches {list(roi_patterns)} (ROIs: {sorted(names)})"
+            )
+        names = [chosen]
+    return {
+        name: rasterise(structure.rois[name], series, name, structure.path)[0] for name in names
+    }

@@ -1,0 +1,45 @@
+"""Installable package: sarcoma_jax (models, training, ADDA) and data_pipeline (DICOM -> index -> batches)."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "absl-py",
+    "array_record",
+    "clu",
+    "etils[epath]",
+    "flax",
+    "grain",
+    "importlib_resources",  # etils needs it for tfds and tfds does not pull it in.
+    "jax",
+    "matplotlib",
+    "ml_collections",
+    "numpy",
+    "optax",
+    "orbax-checkpoint",
+    "openpyxl",
+    "pandas",
+    "pillow",
+    "pydicom>=2.4",
+    "scikit-image",
+    "scikit-learn",
+    "scipy",
+    "tensorflow-datasets",
+    "tqdm",
+]
+
+setuptools.setup(
+    name="sarcoma_jax",
+    version="0.1.0",
+    description=(
+        "Soft-tissue sarcoma segmentation in PET, CT and MR, and unsupervised adversarial "
+        "domain adaptation (ADDA) with momentum reset and the confusion score, in JAX/Flax."
+    ),
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["sarcoma_jax*", "data_pipeline*"]),
+    package_data={"data_pipeline": ["tfds/*.md"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "ruff"],
+        "bench": ["torch==2.13.0"],
+    },
+)
