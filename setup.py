@@ -36,7 +36,6 @@ setuptools.setup(
     ),
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["sarcoma_jax*", "data_pipeline*"]),
-    package_data={"data_pipeline": ["tfds/*.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "ruff"],

@@ -1,4 +1,4 @@
-"""DICOM -> SQLite index + per-slice .npz -> queries and splits -> preprocessing -> TFDS -> batches."""
+"""DICOM -> SQLite index + per-slice .npz -> queries, splits -> preprocessing -> TFDS -> batches."""
 
 from data_pipeline.clinical import ClinicalFileError, read_clinical
 from data_pipeline.dicom_io import InputProblem, Series, load_series

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -32,12 +33,13 @@ from data_pipeline.dicom_io import (
     Header,
     InputProblem,
     Series,
-    load_series,
+    load_series_from_headers,
     read_header,
     slice_normal,
 )
 from data_pipeline.rtstruct import (
     DEFAULT_ROI_PATTERNS,
+    Contour,
     SeriesGeometry,
     link_rtstruct,
     rasterise,
@@ -47,6 +49,8 @@ from data_pipeline.rtstruct import (
 
 # Headers are read in chunks of this many files per worker task, to amortise process overheads.
 _HEADER_CHUNK = 64
+# Threads per worker writing slice files (file creation waits on the file system).
+_WRITER_THREADS = 4
 
 
 @dataclasses.dataclass
@@ -95,9 +99,10 @@ class _SeriesTask:
     """Everything a worker needs to load one series, rasterise its contours and write its slices."""
 
     series_key: str
-    files: tuple[str, ...]
+    headers: tuple[Header, ...]
     rtstruct_path: str
     roi_name: str
+    contours: tuple[Contour, ...]
     staging_dir: str = ""
 
 
@@ -111,24 +116,33 @@ class _SeriesResult:
     problem: InputProblem | None = None
 
 
+@functools.cache
+def _writer_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's slice-writing threads (cheaper than starting threads per series)."""
+    return concurrent.futures.ThreadPoolExecutor(_WRITER_THREADS, thread_name_prefix="npz-writer")
+
+
 def _load_task(task: _SeriesTask) -> _SeriesResult:
-    """Loads, rasterises and writes one series (runs in a worker process when workers > 1)."""
+    """Loads, rasterises and writes one series (runs in a worker process when workers > 1).
+
+    The slice files are written by a few threads while the next series is read: creating files is
+    mostly waiting on the file system, and zlib releases the GIL while it compresses.
+    """
     try:
-        series = load_series(task.files)
-        structure = read_rtstruct(task.rtstruct_path)
-        mask, warnings = rasterise(
-            structure.rois[task.roi_name], series, task.roi_name, task.rtstruct_path
-        )
+        series = load_series_from_headers(task.headers)
     except InputProblem as problem:
         return _SeriesResult(None, [], [], problem)
-    tumour_pixels = [
-        index_lib.write_slice_npz(
-            os.path.join(task.staging_dir, index_lib.slice_relpath(task.series_key, k)),
-            series.pixels[k],
-            mask[k],
+    mask, warnings = rasterise(task.contours, series, task.roi_name, task.rtstruct_path)
+    tumour_pixels = list(
+        _writer_pool().map(
+            lambda k: index_lib.write_slice_npz(
+                os.path.join(task.staging_dir, index_lib.slice_relpath(task.series_key, k)),
+                series.pixels[k],
+                mask[k],
+            ),
+            range(len(mask)),
         )
-        for k in range(len(mask))
-    ]
+    )
     # Only the geometry goes back to the parent process: the pixels are on disk now.
     series.pixels = np.empty((0,) + series.pixels.shape[1:], np.float32)
     return _SeriesResult(series, tumour_pixels, warnings)
@@ -274,9 +288,8 @@ def ingest(
             geometries[uid] = _geometry_from_headers(series_headers)
 
         tasks: list[_SeriesTask] = []
-        linked: dict[
-            str, tuple[Header, str, str, str]
-        ] = {}  # series uid -> (rt header, roi, how, key)
+        # series uid -> (RTSTRUCT header, ROI name, how it was linked, the ROI's contours)
+        linked: dict[str, tuple[Header, str, str, tuple[Contour, ...]]] = {}
         for rt_header in sorted(rtstruct_headers, key=lambda h: h.path):
             try:
                 structure = read_rtstruct(rt_header.path)
@@ -310,7 +323,7 @@ def ingest(
                     f"{relative(linked[uid][0].path)}; skipped"
                 )
                 continue
-            linked[uid] = (rt_header, roi_name, how, structure.description)
+            linked[uid] = (rt_header, roi_name, how, structure.rois[roi_name])
 
         for uid, series_headers in sorted(image_series.items()):
             if uid not in geometries:
@@ -333,9 +346,10 @@ def ingest(
             tasks.append(
                 _SeriesTask(
                     series_key=_series_key(key, domain, uid),
-                    files=tuple(sorted(h.path for h in series_headers)),
+                    headers=tuple(sorted(series_headers, key=lambda h: h.path)),
                     rtstruct_path=linked[uid][0].path,
                     roi_name=linked[uid][1],
+                    contours=linked[uid][3],
                 )
             )
         if not tasks:
@@ -354,14 +368,14 @@ def ingest(
         with writer:
             results = mapper(_load_task, tasks)
             bar = tqdm.tqdm(
-                total=sum(len(t.files) for t in tasks),
+                total=sum(len(t.headers) for t in tasks),
                 desc="slices",
                 unit="slice",
                 disable=not progress,
             )
             with bar:
                 for task, result in zip(tasks, results, strict=True):
-                    bar.update(len(task.files))
+                    bar.update(len(task.headers))
                     if result.problem is not None:
                         report(
                             f"{relative(result.problem.path)}: {result.problem.reason}; "

@@ -158,7 +158,7 @@ class LoadSeriesTest(parameterized.TestCase):
             with self.assertRaisesRegex(dicom_io.InputProblem, "no DICOM image files"):
                 data_pipeline.load_series(folder)
         with self.assertRaisesRegex(
-            dicom_io.InputProblem, "MR_truncated.dcm: pixel data unreadable"
+            dicom_io.InputProblem, "MR_truncated.dcm: truncated"
         ):
             data_pipeline.load_series([truncated])
 

@@ -1,0 +1,1 @@
+"""TFDS builders of this package; importing a builder's module registers it with tfds."""
