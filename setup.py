@@ -17,7 +17,6 @@ INSTALL_REQUIRES = [
     "optax",
     "orbax-checkpoint",
     "openpyxl",
-    "pandas",
     "pillow",
     "pydicom>=2.4",
     "scikit-image",
@@ -38,7 +37,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["sarcoma_jax*", "data_pipeline*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "ruff"],
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "pandas", "ruff"],
         "bench": ["torch==2.13.0"],
     },
 )

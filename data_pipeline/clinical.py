@@ -6,8 +6,6 @@ import pathlib
 import re
 import zipfile
 
-import pandas as pd
-
 # Column names are compared after lower-casing and dropping everything but letters and digits, so
 # 'Patient ID', 'patient_id' and 'PatientID' are all 'patientid'.
 ID_COLUMNS = ("patientid", "patient", "patientkey", "id")
@@ -95,7 +93,13 @@ def _read_rows(path: pathlib.Path) -> list[list]:
             csv_file.seek(0)
             return list(csv.reader(csv_file, dialect))
     if suffix in (".xlsx", ".xlsm"):
-        return pd.read_excel(path, header=None, dtype=object, engine="openpyxl").values.tolist()
+        import openpyxl  # only .xlsx needs it; a top-level import slows every ingest worker
+
+        workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
+        try:
+            return [list(row) for row in workbook.worksheets[0].iter_rows(values_only=True)]
+        finally:
+            workbook.close()
     raise ClinicalFileError(f"{path}: unsupported clinical file type {suffix!r}; use .csv or .xlsx")
 
 
@@ -124,7 +128,7 @@ def read_clinical(path) -> dict[str, dict]:
         rows = _read_rows(path)
     except ClinicalFileError:
         raise
-    except (ValueError, OSError, zipfile.BadZipFile, pd.errors.ParserError, csv.Error) as error:
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile, csv.Error) as error:
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ClinicalFileError(f"{path}: cannot read clinical table: {reason}") from None
     header_row, headers, id_column = None, [], None
