@@ -1,4 +1,4 @@
-"""Installable package: sarcoma_jax (models, training, ADDA) and data_pipeline (DICOM -> index -> batches)."""
+"""Installable package: sarcoma_jax (models, training, ADDA), data_pipeline (DICOM to batches)."""
 
 import setuptools
 
@@ -17,7 +17,7 @@ INSTALL_REQUIRES = [
     "optax",
     "orbax-checkpoint",
     "openpyxl",
-    "pillow",
+    "pillow>=10.1",  # a scalable bundled font for the rendered digits
     "pydicom>=2.4",
     "scikit-image",
     "scikit-learn",

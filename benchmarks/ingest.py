@@ -47,7 +47,9 @@ def _floor(files: list[str]) -> float:
 def _ingest(dicom_dir: str, workers: int) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        summary = ingest_lib.ingest(dicom_dir, out, workers=workers, progress=False, log=lambda _: None)
+        summary = ingest_lib.ingest(
+            dicom_dir, out, workers=workers, progress=False, log=lambda _: None
+        )
         return time.perf_counter() - start, summary.slices
 
 
@@ -55,7 +57,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dicom_dir", default=None, help="Benchmark this tree instead of a phantom.")
+    parser.add_argument(
+        "--dicom_dir", default=None, help="Benchmark this tree instead of a phantom."
+    )
     parser.add_argument("--repeats", type=int, default=2, help="Best of this many runs each.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

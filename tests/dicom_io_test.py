@@ -157,9 +157,7 @@ class LoadSeriesTest(parameterized.TestCase):
                 dicom_io.read_header(not_dicom)
             with self.assertRaisesRegex(dicom_io.InputProblem, "no DICOM image files"):
                 data_pipeline.load_series(folder)
-        with self.assertRaisesRegex(
-            dicom_io.InputProblem, "MR_truncated.dcm: truncated"
-        ):
+        with self.assertRaisesRegex(dicom_io.InputProblem, "MR_truncated.dcm: truncated"):
             data_pipeline.load_series([truncated])
 
 

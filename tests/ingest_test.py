@@ -25,20 +25,31 @@ STS_IBSI = SHARED / "data" / "sts_ibsi"
 
 def _ingest(dicom_dir, out_dir, **kwargs):
     lines = []
-    summary = ingest_lib.ingest(str(dicom_dir), str(out_dir), progress=False, log=lines.append,
-                                **kwargs)
+    summary = ingest_lib.ingest(
+        str(dicom_dir), str(out_dir), progress=False, log=lines.append, **kwargs
+    )
     return summary, lines
 
 
 def _index_contents(out_dir):
     """Every slice record and its arrays, for comparing two indexes."""
     records = index_lib.Index(out_dir).query()
-    return [(r.patient_key, r.modality, r.sequence, r.split, r.slice_index, r.position_mm,
-             r.has_tumor, *r.load()) for r in records]
+    return [
+        (
+            r.patient_key,
+            r.modality,
+            r.sequence,
+            r.split,
+            r.slice_index,
+            r.position_mm,
+            r.has_tumor,
+            *r.load(),
+        )
+        for r in records
+    ]
 
 
 class IngestPhantomTest(absltest.TestCase):
-
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
@@ -46,8 +57,9 @@ class IngestPhantomTest(absltest.TestCase):
         cls.dicom = os.path.join(cls.tmp, "dicom")
         phantom.write_phantom(cls.dicom, 3, seed=1, image_size=32, num_slices=8, progress=False)
         cls.index_dir = os.path.join(cls.tmp, "index")
-        cls.summary, cls.lines = _ingest(cls.dicom, cls.index_dir,
-                                         clinical=os.path.join(cls.dicom, "clinical.csv"))
+        cls.summary, cls.lines = _ingest(
+            cls.dicom, cls.index_dir, clinical=os.path.join(cls.dicom, "clinical.csv")
+        )
 
     @classmethod
     def tearDownClass(cls):
@@ -99,10 +111,13 @@ class IngestPhantomTest(absltest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             flat = os.path.join(tmp, "flat")
             os.makedirs(flat)
-            for i, path in enumerate(sorted(glob.glob(os.path.join(self.dicom, "**", "*.dcm"),
-                                                      recursive=True))):
+            for i, path in enumerate(
+                sorted(glob.glob(os.path.join(self.dicom, "**", "*.dcm"), recursive=True))
+            ):
                 shutil.copy(path, os.path.join(flat, f"{(i * 7919) % 100003:06d}"))
-            _ingest(flat, os.path.join(tmp, "index"), clinical=os.path.join(self.dicom, "clinical.csv"))
+            _ingest(
+                flat, os.path.join(tmp, "index"), clinical=os.path.join(self.dicom, "clinical.csv")
+            )
             first = _index_contents(self.index_dir)
             second = _index_contents(os.path.join(tmp, "index"))
             self.assertEqual([a[:7] for a in first], [b[:7] for b in second])
@@ -152,11 +167,15 @@ class BadInputTest(absltest.TestCase):
         cls.clean, _ = _ingest(cls.dicom, os.path.join(cls.tmp, "clean"), clinical=cls.clinical)
         bad = os.path.join(cls.dicom, "bad")
         os.makedirs(os.path.join(bad, "empty_series"))
-        shutil.copy(pydicom.data.get_testdata_file("MR_truncated.dcm"), os.path.join(bad, "trunc.dcm"))
+        shutil.copy(
+            pydicom.data.get_testdata_file("MR_truncated.dcm"), os.path.join(bad, "trunc.dcm")
+        )
         pathlib.Path(bad, "readme.txt").write_text("not dicom")
         ct_files = sorted(
-            p for p in glob.glob(os.path.join(cls.dicom, "**", "*.dcm"), recursive=True)
-            if pydicom.dcmread(p, stop_before_pixels=True).Modality == "CT")
+            p
+            for p in glob.glob(os.path.join(cls.dicom, "**", "*.dcm"), recursive=True)
+            if pydicom.dcmread(p, stop_before_pixels=True).Modality == "CT"
+        )
         ct_file, cls.cut_file = ct_files[0], ct_files[-1]
         # An interrupted copy: a slice of a contoured series cut short.
         cut_bytes = pathlib.Path(cls.cut_file).read_bytes()
@@ -169,8 +188,10 @@ class BadInputTest(absltest.TestCase):
         no_pixels.SeriesInstanceUID = "1.2.3.999"
         no_pixels.save_as(os.path.join(bad, "no_pixels.dcm"))
         structures = sorted(
-            p for p in glob.glob(os.path.join(cls.dicom, "**", "*.dcm"), recursive=True)
-            if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTSTRUCT")
+            p
+            for p in glob.glob(os.path.join(cls.dicom, "**", "*.dcm"), recursive=True)
+            if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTSTRUCT"
+        )
         # An RTSTRUCT in a frame of reference no series has (and naming no present series).
         foreign = pydicom.dcmread(structures[0])
         for frame in foreign.ReferencedFrameOfReferenceSequence:
@@ -196,8 +217,9 @@ class BadInputTest(absltest.TestCase):
         data[:, 0] += 10_000
         contour.ContourData = [float(v) for v in data.ravel()]
         shifted.save_as(cls.moved_structure)
-        cls.summary, cls.lines = _ingest(cls.dicom, os.path.join(cls.tmp, "index"),
-                                         clinical=cls.clinical)
+        cls.summary, cls.lines = _ingest(
+            cls.dicom, os.path.join(cls.tmp, "index"), clinical=cls.clinical
+        )
 
     @classmethod
     def tearDownClass(cls):
@@ -226,9 +248,19 @@ class BadInputTest(absltest.TestCase):
     def test_cli_reports_without_traceback(self):
         with tempfile.TemporaryDirectory() as out:
             result = subprocess.run(
-                [sys.executable, "-m", "data_pipeline.ingest", f"--dicom_dir={self.dicom}",
-                 f"--out_dir={out}", f"--clinical={self.clinical}"],
-                capture_output=True, text=True, cwd=REPO, check=False)
+                [
+                    sys.executable,
+                    "-m",
+                    "data_pipeline.ingest",
+                    f"--dicom_dir={self.dicom}",
+                    f"--out_dir={out}",
+                    f"--clinical={self.clinical}",
+                ],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                check=False,
+            )
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertNotIn("Traceback", result.stderr)
             self.assertIn(f"skipped        {self.clean.skipped + 5}", result.stdout)
@@ -238,9 +270,18 @@ class BadInputTest(absltest.TestCase):
         with tempfile.TemporaryDirectory() as empty:
             for dicom_dir, reason in ((empty, "empty folder"), (empty + "/nope", "no such folder")):
                 result = subprocess.run(
-                    [sys.executable, "-m", "data_pipeline.ingest", f"--dicom_dir={dicom_dir}",
-                     f"--out_dir={empty}/out"], capture_output=True, text=True, cwd=REPO,
-                    check=False)
+                    [
+                        sys.executable,
+                        "-m",
+                        "data_pipeline.ingest",
+                        f"--dicom_dir={dicom_dir}",
+                        f"--out_dir={empty}/out",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    cwd=REPO,
+                    check=False,
+                )
                 self.assertEqual(result.returncode, 1)
                 self.assertNotIn("Traceback", result.stderr)
                 self.assertIn(reason, result.stderr)
@@ -249,7 +290,6 @@ class BadInputTest(absltest.TestCase):
 
 @absltest.skipUnless(STS_IBSI.is_dir(), "shared IBSI data not found")
 class RealDataIngestTest(absltest.TestCase):
-
     def test_index_masks_equal_reference_masks(self):
         # Two patients, each series' files linked (not copied) into one folder per patient.
         patients = ["STS_002", "STS_026"]

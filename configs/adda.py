@@ -1,0 +1,12 @@
+"""ADDA for any pair: `--config=configs/adda.py:CT,T1` or `:CT,T1:smoke` (e.g. the real data)."""
+
+from configs import adda_base
+
+
+def get_config(arg: str | None = None):
+    """`arg` is 'SRC,TGT' or 'SRC,TGT:smoke' with domain names such as CT, PT, T1, T2, STIR."""
+    pair, _, variant = (arg or "").partition(":")
+    domains = [domain.strip() for domain in pair.split(",")]
+    if len(domains) != 2 or not all(domains):
+        raise ValueError(f"configs/adda.py needs 'SRC,TGT[:smoke]', e.g. 'CT,T1'; got {arg!r}")
+    return adda_base.get_config(variant or None, source=domains[0], target=domains[1])

@@ -1,0 +1,79 @@
+"""Default segmentation config (thesis §14.2, SPEC §3-4); per-modality files override a few fields.
+
+`get_config(arg)` takes the part after ':' in `--config=configs/segment_ct.py:smoke`:
+  ''/None  the full run: 128x128, batch 5, reference U-Net, Adam at the modality's learning rate
+  'smoke'  a run of well under two minutes on a laptop CPU: 4 phantom patients, 32x32, 2 epochs
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(
+    arg: str | None = None,
+    modality: str = "CT",
+    learning_rate: float = 1e-3,
+    smoke_data_seed: int = 0,
+) -> ml_collections.ConfigDict:
+    """The segmentation config for one modality.
+
+    Args:
+      arg: '' / None or 'smoke' (see the module docstring).
+      modality: config.data.modality.
+      learning_rate: Adam's learning rate.
+      smoke_data_seed: phantom and split seed of the smoke run; with only 4 phantom patients some
+        seeds leave a split without the modality (e.g. T2, which some phantom patients replace by
+        STIR).
+    """
+    config = ml_collections.ConfigDict()
+    config.experiment = "segment"
+    config.seed = 0  # init, data order
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "phantom"  # 'phantom' | 'dicom' (a DICOM root) | 'index' (ingested)
+    config.data.path = config_dict.placeholder(str)  # the DICOM root or index folder
+    config.data.cache_dir = config_dict.placeholder(str)  # default ~/.cache/sarcoma_jax
+    config.data.modality = modality  # 'CT' | 'PT' | 'T1' | 'T2' | 'STIR'
+    config.data.image_size = 128
+    config.data.tumour_only = True  # slices that contain tumour (SPEC §2); False: all slices
+    config.data.seed = 0  # splits (and the phantom); kept apart from config.seed
+    config.data.split_scheme = "patient"  # 'patient' | 'thesis'
+    config.data.phantom_patients = 12
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "unet"
+    config.model.depth = 3
+    config.model.base_filters = 8  # encoder 16, 32, 64; bottleneck 128
+    config.model.downsampling = "conv"  # 'conv' (strided, the reference) | 'maxpool'
+    config.model.upsampling = "zero_insert"  # 'zero_insert' (reference) | 'transpose' | 'nearest'
+    config.model.eval_batch_stats = False  # True: BN with batch statistics at eval (the reference)
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = learning_rate
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.999
+    config.optimizer.eps = 1e-8  # TF1 AdamOptimizer's default
+
+    # Before each evaluation, re-estimate BatchNorm's statistics as the mean over this many
+    # training batches ("precise BN"; see train_segment.recalibrate_batch_stats); 0 evaluates with
+    # the moving averages kept during training, which trail the weights.
+    config.bn_recalibration_batches = 20
+    config.batch_size = 5
+    config.eval_batch_size = 25
+    config.num_epochs = 20
+    config.checkpoint_every_steps = 100  # and at the end of every epoch
+    config.log_every_steps = 10
+    config.progress_bar = True
+    config.num_example_slices = 4  # test slices in segmentation_examples.png
+    config.baseline_num_thresholds = 101  # intensity-threshold baseline grid on [0, 1]
+
+    if arg == "smoke":
+        config.data.phantom_patients = 4
+        config.data.seed = smoke_data_seed
+        config.data.image_size = 32
+        config.num_epochs = 2
+        config.checkpoint_every_steps = 10
+        config.eval_batch_size = 10
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; use ':smoke' or nothing")
+    return config

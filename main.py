@@ -1,0 +1,55 @@
+"""Runs an experiment: python main.py --config=configs/segment_ct.py --workdir=runs/ct.
+
+The config's `experiment` field picks the training function; `--config.x.y=value` overrides a field;
+`--config=configs/segment_ct.py:smoke` passes 'smoke' to the config's get_config.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sarcoma_jax import input_pipeline, train_adda, train_segment
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics, results and figures.")
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+# config.experiment -> train_and_evaluate(config, workdir).
+EXPERIMENTS = {
+    "segment": train_segment.train_and_evaluate,
+    "adda": train_adda.train_and_evaluate,
+}
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with a one-line error for an override of a field the config lacks."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, TypeError) as error:
+        sys.exit(f"error: bad --config override (no such field, or a wrong type): {error}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = FLAGS.config
+    experiment = config.get("experiment")
+    if experiment not in EXPERIMENTS:
+        sys.exit(
+            f"error: config.experiment {experiment!r} is unknown; use one of {sorted(EXPERIMENTS)}"
+        )
+    if not FLAGS["verbosity"].present:
+        # Libraries' INFO logs (orbax's, per save) would bury the progress bar; `-v 0` shows them.
+        logging.set_verbosity(logging.WARNING)
+    logging.info("config:\n%s", config)
+    try:
+        EXPERIMENTS[experiment](config, FLAGS.workdir)
+    except input_pipeline.USER_ERRORS as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,252 @@
+"""Flax modules: the thesis' U-Net (§14.2), logit-map discriminator (§14.3), digits nets (§10.1)."""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Keras/TF1 BatchNormalization defaults, which the reference code used (flax's epsilon is 1e-5).
+BN_MOMENTUM = 0.99
+BN_EPSILON = 1e-3
+# U-Net variants (UNet.downsampling, UNet.upsampling).
+DOWNSAMPLING = ("conv", "maxpool")
+UPSAMPLING = ("zero_insert", "transpose", "nearest")
+
+
+def _batch_norm(
+    use_running_average: bool, momentum: float = BN_MOMENTUM, name: str | None = None
+) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=use_running_average,
+        momentum=momentum,
+        epsilon=BN_EPSILON,
+        name=name,
+    )
+
+
+class UNet(nn.Module):
+    """U-Net of SPEC §3; the defaults are the reference code's.
+
+    Encoder level i (i = 0..depth-1) has base_filters * 2**(i+1) filters: [Conv3x3-ReLU,
+    Conv3x3-ReLU, BN] (the skip), then downsampling. The bottleneck is BN, Conv3x3-ReLU x2 with
+    base_filters * 2**(depth+1) filters. Decoder levels mirror the encoder: upsampling-ReLU to the
+    level's filters, concat(skip, up), BN, Conv3x3-ReLU x2. Head: Conv3x3(1), BN, Conv3x3(1) -> one
+    logit per pixel. 'same' padding.
+
+    Attributes:
+      depth: number of downsampling steps; the input side must be divisible by 2**depth.
+      base_filters: 8 gives the reference 16, 32, 64 encoder filters and a 128-filter bottleneck.
+      downsampling: 'conv' (Conv 2x2 stride 2 + ReLU, the reference) or 'maxpool' (MaxPool 2x2).
+      upsampling: 'zero_insert' (ConvTranspose kernel 1 stride 2, "upsampling by zero padding", the
+        reference), 'transpose' (ConvTranspose kernel 2 stride 2) or 'nearest'
+        (nearest-neighbour resize, then Conv 3x3).
+      eval_batch_stats: if True, BatchNorm normalises with the batch's statistics at evaluation
+        too (what the reference code did, SPEC §9.3); the default uses the running averages. With
+        True, apply at evaluation with mutable=['batch_stats'] and discard the update.
+      bn_momentum: BatchNorm running-average momentum (0.99 as Keras); a clone with 0 makes a
+        training pass store each batch's own statistics (used to re-estimate them).
+    """
+
+    depth: int = 3
+    base_filters: int = 8
+    downsampling: str = "conv"
+    upsampling: str = "zero_insert"
+    eval_batch_stats: bool = False
+    bn_momentum: float = BN_MOMENTUM
+
+    def _down(self, x: jax.Array, features: int, name: str) -> jax.Array:
+        if self.downsampling == "conv":
+            return nn.relu(nn.Conv(features, (2, 2), strides=(2, 2), padding="SAME", name=name)(x))
+        if self.downsampling == "maxpool":
+            return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        raise ValueError(f"unknown downsampling {self.downsampling!r}; use 'conv' or 'maxpool'")
+
+    def _up(self, x: jax.Array, features: int, name: str) -> jax.Array:
+        if self.upsampling == "zero_insert":
+            up = nn.ConvTranspose(features, (1, 1), strides=(2, 2), padding="SAME", name=name)(x)
+        elif self.upsampling == "transpose":
+            up = nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="SAME", name=name)(x)
+        elif self.upsampling == "nearest":
+            batch, height, width, channels = x.shape
+            resized = jax.image.resize(
+                x, (batch, 2 * height, 2 * width, channels), method="nearest"
+            )
+            up = nn.Conv(features, (3, 3), padding="SAME", name=name)(resized)
+        else:
+            raise ValueError(
+                f"unknown upsampling {self.upsampling!r}; "
+                "use 'zero_insert', 'transpose' or 'nearest'"
+            )
+        return nn.relu(up)
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+        """Maps images (batch, h, w, channels) to logits (batch, h, w, 1)."""
+        use_running_average = not train and not self.eval_batch_stats
+        level_filters = [self.base_filters * 2 ** (level + 1) for level in range(self.depth)]
+        x = images
+        skips = []
+        for level, features in enumerate(level_filters):
+            x = nn.relu(nn.Conv(features, (3, 3), padding="SAME", name=f"enc{level}_conv0")(x))
+            x = nn.relu(nn.Conv(features, (3, 3), padding="SAME", name=f"enc{level}_conv1")(x))
+            x = _batch_norm(use_running_average, self.bn_momentum, name=f"enc{level}_bn")(x)
+            skips.append(x)
+            x = self._down(x, features, name=f"enc{level}_down")
+
+        bottleneck_filters = self.base_filters * 2 ** (self.depth + 1)
+        x = _batch_norm(use_running_average, self.bn_momentum, name="bottleneck_bn")(x)
+        x = nn.relu(nn.Conv(bottleneck_filters, (3, 3), padding="SAME", name="bottleneck_conv0")(x))
+        x = nn.relu(nn.Conv(bottleneck_filters, (3, 3), padding="SAME", name="bottleneck_conv1")(x))
+
+        for level in reversed(range(self.depth)):
+            features = level_filters[level]
+            up = self._up(x, features, name=f"dec{level}_up")
+            x = jnp.concatenate([skips[level], up], axis=-1)
+            x = _batch_norm(use_running_average, self.bn_momentum, name=f"dec{level}_bn")(x)
+            x = nn.relu(nn.Conv(features, (3, 3), padding="SAME", name=f"dec{level}_conv0")(x))
+            x = nn.relu(nn.Conv(features, (3, 3), padding="SAME", name=f"dec{level}_conv1")(x))
+
+        x = nn.Conv(1, (3, 3), padding="SAME", name="head_conv0")(x)
+        x = _batch_norm(use_running_average, self.bn_momentum, name="head_bn")(x)
+        return nn.Conv(1, (3, 3), padding="SAME", name="head_conv1")(x)
+
+
+class LogitMapDiscriminator(nn.Module):
+    """The reference ADDA discriminator (SPEC §3, thesis §14.3) on a segmenter's logit map.
+
+    Layout: Dropout, BN; then per block its strided convs, LeakyReLU, BN; then a last conv with
+    `final_strides` and BN. At 128x128 with the defaults the output is (batch, 1, 2, 1), i.e.
+    exactly `num_classes` = 2 logits, as in the reference. For other input sizes, where the
+    flattened output is not `num_classes` wide, a Dense(num_classes) is appended so the
+    discriminator still works.
+
+    Attributes:
+      blocks: features of the kernel-2 stride-2 convs, grouped per block.
+      final_features: features of the last conv.
+      final_strides: strides of the last conv.
+      input_dropout: dropout rate on the input logit map (active only in training).
+      leaky_relu_slope: negative slope of LeakyReLU (Keras' default 0.3).
+      num_classes: output logits (index 1 = source, 0 = target in the ADDA convention).
+      bn_momentum: BatchNorm running-average momentum (see UNet).
+    """
+
+    blocks: Sequence[Sequence[int]] = ((2, 4), (4, 2), (1, 1))
+    final_features: int = 1
+    final_strides: Sequence[int] = (2, 1)
+    input_dropout: float = 0.3
+    leaky_relu_slope: float = 0.3
+    num_classes: int = 2
+    bn_momentum: float = BN_MOMENTUM
+
+    @nn.compact
+    def __call__(
+        self, logit_map: jax.Array, train: bool, use_running_average: bool | None = None
+    ) -> jax.Array:
+        """Maps (batch, h, w, 1) logit maps to (batch, num_classes) logits.
+
+        Args:
+          logit_map: the segmenter's output.
+          train: dropout on, and BatchNorm with batch statistics (unless overridden).
+          use_running_average: BatchNorm mode; defaults to `not train`. Evaluating with
+            train=False, use_running_average=False gives deterministic predictions that agree with
+            the training-mode normalisation (then apply with mutable=['batch_stats'] and discard).
+
+        Returns:
+          Logits (batch, num_classes).
+        """
+        if use_running_average is None:
+            use_running_average = not train
+        x = nn.Dropout(self.input_dropout, deterministic=not train)(logit_map)
+        x = _batch_norm(use_running_average, self.bn_momentum)(x)
+        for block in self.blocks:
+            for features in block:
+                x = nn.Conv(int(features), (2, 2), strides=(2, 2), padding="SAME")(x)
+            x = nn.leaky_relu(x, negative_slope=self.leaky_relu_slope)
+            x = _batch_norm(use_running_average, self.bn_momentum)(x)
+        x = nn.Conv(self.final_features, (2, 2), strides=tuple(self.final_strides), padding="SAME")(
+            x
+        )
+        x = _batch_norm(use_running_average, self.bn_momentum)(x)
+        x = x.reshape((x.shape[0], -1))
+        if x.shape[-1] != self.num_classes:
+            x = nn.Dense(self.num_classes)(x)
+        return x
+
+
+class LeNetEncoder(nn.Module):
+    """ADDA's digits network (SPEC §3, thesis §10.1): 28x28 images -> 10 class logits.
+
+    Conv(20, 5x5)-MaxPool-ReLU, Conv(50, 5x5)-Dropout-MaxPool-ReLU, Dense 500-ReLU, Dense 10, with
+    'valid' convolutions as in ADDA's LeNet (28 -> 24 -> 12 -> 8 -> 4).
+    """
+
+    num_classes: int = 10
+    dropout_rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+        """Maps images (batch, 28, 28, channels) to logits (batch, num_classes)."""
+        x = nn.Conv(20, (5, 5), padding="VALID")(images)
+        x = nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
+        x = nn.Conv(50, (5, 5), padding="VALID")(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(500)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class MLPDiscriminator(nn.Module):
+    """ADDA's digits discriminator on the 10 logits: Dense 500-ReLU, Dense 500-ReLU, Dense 2."""
+
+    hidden_features: Sequence[int] = (500, 500)
+    num_classes: int = 2
+
+    @nn.compact
+    def __call__(self, features: jax.Array, train: bool) -> jax.Array:
+        """Maps (batch, d) to logits (batch, num_classes); `train` is unused (no dropout/BN)."""
+        del train
+        x = features
+        for width in self.hidden_features:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+MODELS: Mapping[str, type[nn.Module]] = {
+    "unet": UNet,
+    "logit_map_discriminator": LogitMapDiscriminator,
+    "lenet": LeNetEncoder,
+    "mlp_discriminator": MLPDiscriminator,
+}
+
+
+def create(model_config: Mapping[str, Any]) -> nn.Module:
+    """Builds a module from a config with a `name` (a key of MODELS) and the module's attributes.
+
+    Raises:
+      ValueError: unknown name (the message lists the known ones).
+    """
+    kwargs = dict(model_config)
+    name = kwargs.pop("name")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    for key, value in kwargs.items():
+        if isinstance(value, list):
+            kwargs[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return MODELS[name](**kwargs)
+
+
+def kernel_l2_penalty(params: Any) -> jax.Array:
+    """Sum of squared conv/dense kernels (biases and BN scales excluded).
+
+    Multiply by the weight (1e-3 for the discriminators, SPEC §3); this is Keras' `l2(w)`
+    convention, w * sum(kernel**2).
+    """
+    kernels = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if getattr(path[-1], "key", None) == "kernel"
+    ]
+    return sum((jnp.sum(jnp.square(k)) for k in kernels), start=jnp.zeros((), jnp.float32))
