@@ -119,7 +119,30 @@ def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     return normal / np.linalg.norm(normal)
 
 
+# Value representations whose bytes are plain ASCII, whatever the character set.
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+
+
+def _raw_ascii(ds: pydicom.Dataset, keyword: str) -> str | None:
+    """An ASCII-valued element read from its undecoded bytes; None where that does not apply.
+
+    pydicom validates and converts every value it is asked for (a DS triplet becomes three DSfloat
+    objects), which costs more per file than parsing the header; UIDs, codes and decimal strings
+    need none of that.
+    """
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    if tag is None or tag not in ds or pydicom.datadict.dictionary_VR(tag) not in _ASCII_VRS:
+        return None
+    element = ds.get_item(tag)
+    if not isinstance(element, pydicom.dataelem.RawDataElement) or element.value is None:
+        return None
+    return element.value.decode("ascii", "replace").strip(" \x00")
+
+
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    raw = _raw_ascii(ds, keyword)
+    if raw is not None:
+        return raw
     value = ds.get(keyword, "")
     if isinstance(value, pydicom.multival.MultiValue):
         return "\\".join(str(v) for v in value)
@@ -127,7 +150,9 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
 
 
 def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
-    value = ds.get(keyword)
+    value = _raw_ascii(ds, keyword)
+    if value is None:
+        value = ds.get(keyword)
     if value is None or value == "":
         return None
     try:
@@ -207,6 +232,10 @@ _HEADER_TAGS = (
 )
 
 
+# As tags: pydicom would look every keyword up again for every file.
+_HEADER_TAG_NUMBERS = [pydicom.tag.Tag(keyword) for keyword in _HEADER_TAGS]
+
+
 def read_header(path: str | os.PathLike) -> Header:
     """Reads one file's header (no pixels).
 
@@ -217,7 +246,7 @@ def read_header(path: str | os.PathLike) -> Header:
     try:
         # Only the attributes read below are converted; values over 4 KiB (the pixels) are left
         # unread, their length and offset still known.
-        ds = pydicom.dcmread(path, defer_size=4096, specific_tags=_HEADER_TAGS)
+        ds = pydicom.dcmread(path, defer_size=4096, specific_tags=_HEADER_TAG_NUMBERS)
     except pydicom.errors.InvalidDicomError:
         raise InputProblem(path, "not a DICOM file (no DICM preamble)") from None
     except (EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as e:
@@ -235,9 +264,10 @@ def read_header(path: str | os.PathLike) -> Header:
     pixel_offset, pixel_dtype = _plain_pixel_location(ds)
     if modality in IMAGE_MODALITIES and has_pixels:
         try:
-            position = tuple(float(v) for v in ds.ImagePositionPatient)
-            orientation = tuple(float(v) for v in ds.ImageOrientationPatient)
-            spacing = tuple(float(v) for v in ds.PixelSpacing)
+            position, orientation, spacing = (
+                tuple(float(v) for v in _text(ds, keyword).split("\\"))
+                for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+            )
         except (AttributeError, TypeError, ValueError):
             raise InputProblem(
                 path, "image without ImagePositionPatient/ImageOrientationPatient/PixelSpacing"
