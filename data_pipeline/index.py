@@ -85,8 +85,18 @@ def slice_relpath(series_key: str, slice_index: int) -> str:
     return f"{SLICES_DIRNAME}/{series_key}/{int(slice_index):04d}.npz"
 
 
+def _smallest_exact(image: np.ndarray) -> np.ndarray:
+    """image as int16 when that holds it exactly (CT in HU, most MR), else float32.
+
+    Half the bytes to deflate: compressing is the costliest part of writing a slice, and the
+    values, hence the physical units, are unchanged (SliceRecord.load returns float32).
+    """
+    as_int16 = image.astype(np.int16)
+    return as_int16 if np.array_equal(as_int16, image) else image
+
+
 def write_slice_npz(path, image: np.ndarray, mask: np.ndarray) -> int:
-    """Writes a slice file (image float32, mask bool) and returns its tumour pixel count.
+    """Writes a slice (image int16 when exact, else float32; mask bool); returns tumour pixels.
 
     The same arrays give the same bytes: numpy's savez stamps the zip members with the current
     time, so the members are written here with a fixed date instead. Safe to call from worker
@@ -102,6 +112,7 @@ def write_slice_npz(path, image: np.ndarray, mask: np.ndarray) -> int:
             f"a slice needs a 2-D image and a mask of the same shape, got image {image.shape} "
             f"and mask {mask.shape}"
         )
+    image = _smallest_exact(image)
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as archive:

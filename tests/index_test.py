@@ -365,6 +365,29 @@ class IndexWriterTest(absltest.TestCase):
         np.testing.assert_array_equal(loaded_mask, mask.astype(np.uint8))
 
 
+class SliceFileTest(absltest.TestCase):
+
+    def test_values_survive_whatever_dtype_stores_them(self):
+        hu = np.array([[-1024.0, 0.0], [3071.0, 40.0]], np.float32)  # integral: stored as int16
+        suv = np.array([[0.25, 1.5], [7.125, 0.0]], np.float32)  # fractional: stored as float32
+        huge = np.array([[1e6, 0.0], [1.0, 2.0]], np.float32)  # beyond int16: float32
+        mask = np.array([[True, False], [False, True]])
+        with tempfile.TemporaryDirectory() as folder:
+            for name, image, stored_dtype in (("hu", hu, np.int16), ("suv", suv, np.float32),
+                                              ("huge", huge, np.float32)):
+                path = os.path.join(folder, f"{name}.npz")
+                self.assertEqual(index_lib.write_slice_npz(path, image, mask), 2)
+                with np.load(path) as arrays:
+                    self.assertEqual(arrays["image"].dtype, stored_dtype)
+                record = index_lib.SliceRecord(
+                    patient_key="p", modality="CT", sequence=None, split="train", has_tumor=True,
+                    series_key="s", slice_index=0, position_mm=0.0, tumor_pixels=2, path=path)
+                loaded_image, loaded_mask = record.load()
+                self.assertEqual(loaded_image.dtype, np.float32)
+                np.testing.assert_array_equal(loaded_image, image)
+                np.testing.assert_array_equal(loaded_mask, mask.astype(np.uint8))
+
+
 class ReadClinicalTest(absltest.TestCase):
 
     def test_csv_with_title_row_and_varied_headers(self):
