@@ -49,6 +49,8 @@ def main(argv):
         EXPERIMENTS[experiment](config, FLAGS.workdir)
     except input_pipeline.USER_ERRORS as error:
         sys.exit(f"error: {error}")
+    except train_adda.NonFiniteLossError as error:  # the last good checkpoint is kept
+        sys.exit(f"stopped: {error}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def plot_training_curves(
     return path
 
 
-def _contour(axes, mask: np.ndarray, colour: str) -> None:
+def draw_contour(axes, mask: np.ndarray, colour: str) -> None:
+    """Draws the outline of a boolean mask (rows, cols) on matplotlib axes, if it has one."""
     if mask.any() and not mask.all():
         axes.contour(mask.astype(np.float32), levels=[0.5], colors=colour, linewidths=1.2)
 
@@ -76,8 +77,8 @@ def plot_segmentation_examples(
     for row in range(num_slices):
         image_axes, prob_axes = axes[row]
         image_axes.imshow(images[row, ..., 0], cmap="gray", vmin=0, vmax=1)
-        _contour(image_axes, masks[row, ..., 0] > 0, TRUTH_COLOUR)
-        _contour(image_axes, probs[row, ..., 0] >= threshold, PREDICTION_COLOUR)
+        draw_contour(image_axes, masks[row, ..., 0] > 0, TRUTH_COLOUR)
+        draw_contour(image_axes, probs[row, ..., 0] >= threshold, PREDICTION_COLOUR)
         prob_axes.imshow(probs[row, ..., 0], cmap="gray", vmin=0, vmax=1)
         if titles is not None:
             image_axes.set_title(titles[row], fontsize=8)

@@ -61,9 +61,10 @@ def _git(*args: str) -> str | None:
 
 def git_state() -> dict[str, Any]:
     """The commit of the source tree (None outside git or before the first commit) and whether
-    tracked files differ from it."""
+    the tree differs from it: changed tracked files, or files git does not track yet (and does not
+    ignore), since a run may import those."""
     commit = _git("rev-parse", "HEAD")
-    changes = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    changes = _git("status", "--porcelain") if commit else None
     return {"commit": commit, "dirty": None if changes is None else bool(changes)}
 
 

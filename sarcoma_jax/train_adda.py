@@ -69,7 +69,12 @@ Outputs in workdir:
   source/                          the source segmentation run (when not given a checkpoint)
   checkpoints/game/                the full game state for resuming (latest only)
   checkpoints/<criterion>/         target map variables of each stopping criterion
-  metrics.jsonl                    one row per evaluation
+  metrics.jsonl                    one row per evaluation: phase, cycle, step (= disc_steps +
+                                   target_steps), disc_steps, target_steps, disc_loss, recall,
+                                   specificity, target_adversarial_loss, target_val_<metric>
+                                   (val split); confusion_score (NaN -> null until the window
+                                   is full), <disc|target>_<loss|grad_norm>_train (means over
+                                   the phase's steps), disc_resets, target_resets, seconds
   results.json                     {"criteria": {name: {"step", "test", "val", ...}},
                                     "source_test": ..., "source_val": ..., "scheme", "pair", ...}
 A run killed and started again with the same workdir resumes from checkpoints/game (the confusion
@@ -80,6 +85,7 @@ the network and step; checkpoints/game keeps the last good state.
 
 import dataclasses
 import functools
+import hashlib
 import importlib
 import json
 import math
@@ -96,6 +102,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import scipy.special
 import tqdm
 from absl import logging
 from jax import lax
@@ -212,8 +219,6 @@ def _disjoint_patient_groups(
     splits are) and dealt alternately to the source and the target; the others stay where they
     are.
     """
-    import hashlib  # Only this option needs it.
-
     shared = sorted(
         source_patients & target_patients,
         key=lambda key: hashlib.sha256(f"{seed}:{key}".encode()).hexdigest(),
@@ -245,6 +250,11 @@ class SegmentationTask:
             )
         if config.model.name != "unet":
             raise ConfigError(f"config.model.name {config.model.name!r}: segmentation needs 'unet'")
+        if config.model.get("eval_batch_stats"):
+            raise ConfigError(
+                "config.model.eval_batch_stats: the ADDA game applies the maps with their running "
+                "averages; train the source with eval_batch_stats=False"
+            )
         input_pipeline.validate_data_config(
             {**config.data.to_dict(), "modality": source}, size_divisor=2**config.model.depth
         )
@@ -305,8 +315,7 @@ class SegmentationTask:
         return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
 
     def evaluate(self, outputs: np.ndarray, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
-        probs = 1.0 / (1.0 + np.exp(-np.asarray(outputs, np.float64)))
-        return metrics.segmentation_metrics(probs, arrays["mask"])
+        return metrics.segmentation_metrics(scipy.special.expit(outputs), arrays["mask"])
 
 
 TASKS: Mapping[str, Callable[[], Task]] = {"segmentation": SegmentationTask}
@@ -897,21 +906,6 @@ def _check_source_fits(game: Game, source_variables: Mapping, input_shape: tuple
             )
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Writes config.json, refusing a workdir that holds a run of another config."""
-    config_dict = json.loads(config.to_json())
-    comparable = {k: v for k, v in config_dict.items() if k not in COSMETIC_CONFIG_KEYS}
-    path = workdir / "config.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if {k: v for k, v in previous.items() if k not in COSMETIC_CONFIG_KEYS} != comparable:
-            raise ConfigError(
-                f"{workdir} holds a run with another config (see its config.json); "
-                "use a new --workdir to start a different run"
-            )
-    path.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-
-
 def validate_config(config: ml_collections.ConfigDict, task: Task) -> None:
     """Checks everything that can be checked without data or compute.
 
@@ -1140,7 +1134,7 @@ def train_and_evaluate(
     validate_config(config, task)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_config(config, workdir)
+    train_segment.write_config(config, workdir, ignored_keys=COSMETIC_CONFIG_KEYS)
     provenance.write(workdir / "provenance.json", provenance.collect(config, config.seed))
     start_time = time.time()
 
@@ -1264,6 +1258,7 @@ def train_and_evaluate(
                 _next_images(target_stream, k_t),
             )
         before = counters(state)
+        phase_start = time.time()
         state, step_metrics = _play(compiled, config.fused_cycles, state, source_variables, batches)
         _check_finite(
             step_metrics,
@@ -1294,6 +1289,7 @@ def train_and_evaluate(
             },
             "disc_resets": int(state.disc_opt_state.reset_count),
             "target_resets": int(state.target_opt_state.reset_count),
+            "seconds": time.time() - phase_start,  # the phase's steps and evaluation
         }
         for name in ("confusion", "best_loss", "highest_peak"):
             if criteria[name]:

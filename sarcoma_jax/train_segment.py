@@ -16,7 +16,7 @@ import json
 import math
 import pathlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -280,17 +280,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _comparable_config(config_dict: Mapping[str, Any]) -> dict:
-    return {key: value for key, value in config_dict.items() if key not in RESUMABLE_CONFIG_CHANGES}
+def write_config(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    ignored_keys: Sequence[str] = RESUMABLE_CONFIG_CHANGES,
+) -> None:
+    """Writes config.json, refusing a workdir that holds a run of another config.
 
+    Args:
+      config: the run's config.
+      workdir: the run's folder.
+      ignored_keys: top-level fields a resumed run may change (budgets, logging).
 
-def _write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Writes config.json, refusing a workdir that holds a run of another config."""
+    Raises:
+      ConfigError: the workdir's config.json differs in another field.
+    """
     config_dict = json.loads(config.to_json())
     path = workdir / "config.json"
     if path.exists():
         previous = json.loads(path.read_text())
-        if _comparable_config(previous) != _comparable_config(config_dict):
+
+        def comparable(values: Mapping[str, Any]) -> dict:
+            return {key: value for key, value in values.items() if key not in ignored_keys}
+
+        if comparable(previous) != comparable(config_dict):
             raise input_pipeline.ConfigError(
                 f"{workdir} holds a run with another config (see its config.json); "
                 "use a new --workdir to start a different run"
@@ -385,7 +398,7 @@ def train_and_evaluate(
         index, config.data.modality, tumour_only=config.data.tumour_only
     )
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_config(config, workdir)
+    write_config(config, workdir)
     provenance.write(workdir / "provenance.json", provenance.collect(config, config.seed))
 
     splits = input_pipeline.load_splits(records, config.data.image_size)

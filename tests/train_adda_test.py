@@ -1,6 +1,7 @@
 """Tests for sarcoma_jax.train_adda: the game, its criteria, resume, faults, devices, configs."""
 
 import functools
+import importlib
 import json
 import os
 import pathlib
@@ -107,7 +108,9 @@ def run_toy(workdir, cycle_hook=None, **overrides):
 
 
 def read_rows(workdir) -> list[dict]:
-    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
+    """metrics.jsonl without the wall-clock field."""
+    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
 
 
 def final_target_params(workdir) -> dict:
@@ -626,6 +629,19 @@ class ConfigTest(parameterized.TestCase):
         self.assertEqual(t1_pair.data.target_modality, "T1")
         self.assertEqual(t1_pair.disc_steps_per_cycle, 50)  # as CT->T2
         self.assertEqual(adda.get_config("CT,T1:smoke").data.image_size, 32)
+
+    @parameterized.parameters("ct_pt", "ct_t2", "pt_ct", "pt_t2", "t2_ct", "t2_pt")
+    def test_every_pair_config_is_valid_in_both_schemes(self, pair):
+        module = importlib.import_module(f"configs.adda_{pair}")
+        source, target = pair.upper().split("_")
+        for arg in (None, "smoke"):
+            for scheme in train_adda.SCHEMES:
+                config = module.get_config(arg)
+                config.scheme = scheme
+                self.assertEqual(
+                    (config.data.source_modality, config.data.target_modality), (source, target)
+                )
+                train_adda.validate_config(config, train_adda.SegmentationTask())
 
     def test_data_fields_are_shared_with_the_source_run(self):
         config = adda_ct_pt.get_config()
