@@ -6,6 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # Keras/TF1 BatchNormalization defaults, which the reference code used (flax's epsilon is 1e-5).
 BN_MOMENTUM = 0.99
@@ -13,6 +14,32 @@ BN_EPSILON = 1e-3
 # U-Net variants (UNet.downsampling, UNet.upsampling).
 DOWNSAMPLING = ("conv", "maxpool")
 UPSAMPLING = ("zero_insert", "transpose", "nearest")
+
+
+class ZeroInsertUpsampling(nn.Module):
+    """ConvTranspose(kernel 1, stride 2, "SAME"), "upsampling by zero padding", computed cheaply.
+
+    The transposed convolution puts `x @ kernel` on the even rows and columns of a twice-as-large
+    map, zeros elsewhere, then adds the bias everywhere. Here that is a 1x1 convolution at the input
+    resolution and `lax.pad` with one interior zero, which on CPU is far cheaper than XLA's
+    transposed convolution over the zero-inserted map (its weight gradient above all; see
+    benchmarks/README.md). Same function and same variables (`kernel` (1, 1, in, features),
+    `bias` (features,), same initialisers) as nn.ConvTranspose, so checkpoints are interchangeable.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(batch, h, w, in) -> (batch, 2h, 2w, features)."""
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features)
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        projected = jnp.einsum("bhwc,cf->bhwf", x, kernel[0, 0])
+        zero = jnp.zeros((), projected.dtype)
+        upsampled = lax.pad(projected, zero, ((0, 0, 0), (0, 1, 1), (0, 1, 1), (0, 0, 0)))
+        return upsampled + bias
 
 
 def _batch_norm(
@@ -65,7 +92,7 @@ class UNet(nn.Module):
 
     def _up(self, x: jax.Array, features: int, name: str) -> jax.Array:
         if self.upsampling == "zero_insert":
-            up = nn.ConvTranspose(features, (1, 1), strides=(2, 2), padding="SAME", name=name)(x)
+            up = ZeroInsertUpsampling(features, name=name)(x)
         elif self.upsampling == "transpose":
             up = nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="SAME", name=name)(x)
         elif self.upsampling == "nearest":

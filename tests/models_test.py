@@ -1,5 +1,6 @@
 """Tests for sarcoma_jax.models: shapes, parameter counts by hand, BatchNorm modes, variants."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,6 +138,44 @@ class UNetTest(parameterized.TestCase):
         train_mode, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
         self.assertFalse(np.allclose(alone, in_batch[:1], atol=1e-4))
         np.testing.assert_allclose(in_batch, train_mode, rtol=1e-6)
+
+
+class ZeroInsertUpsamplingTest(parameterized.TestCase):
+    """The pad-based upsampling is the transposed convolution the reference used (benchmarks/)."""
+
+    @parameterized.parameters((1, 4, 4, 3, 2), (2, 5, 3, 8, 16), (5, 16, 16, 128, 64))
+    def test_same_function_as_conv_transpose_and_as_numpy(
+        self, batch, height, width, channels, features
+    ):
+        inputs = jax.random.normal(jax.random.PRNGKey(0), (batch, height, width, channels))
+        conv_transpose = nn.ConvTranspose(features, (1, 1), strides=(2, 2), padding="SAME")
+        variables = conv_transpose.init(jax.random.PRNGKey(1), inputs)
+        # A nonzero bias, so that the positions between the input pixels are checked too.
+        variables = jax.tree.map(
+            lambda leaf: leaf + jax.random.normal(jax.random.PRNGKey(2), leaf.shape), variables
+        )
+        upsampled = models.ZeroInsertUpsampling(features).apply(variables, inputs)
+        np.testing.assert_allclose(
+            upsampled, conv_transpose.apply(variables, inputs), rtol=1e-5, atol=1e-5
+        )
+        # float64 NumPy: x @ kernel on the even rows and columns, zeros elsewhere, plus the bias.
+        kernel = np.asarray(variables["params"]["kernel"], np.float64)[0, 0]
+        bias = np.asarray(variables["params"]["bias"], np.float64)
+        expected = np.zeros((batch, 2 * height, 2 * width, features))
+        expected[:, ::2, ::2] = np.asarray(inputs, np.float64) @ kernel
+        np.testing.assert_allclose(upsampled, expected + bias, rtol=1e-5, atol=1e-4)
+
+    def test_variables_and_initialisation_match_conv_transpose(self):
+        # Same names, shapes and initial values: checkpoints of either formulation load in both.
+        inputs = jnp.zeros((1, 4, 4, 6))
+        rng = jax.random.PRNGKey(3)
+        ours = models.ZeroInsertUpsampling(5).init(rng, inputs)
+        reference = nn.ConvTranspose(5, (1, 1), strides=(2, 2), padding="SAME").init(rng, inputs)
+        self.assertEqual(jax.tree.structure(ours), jax.tree.structure(reference))
+        for ours_leaf, reference_leaf in zip(
+            jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True
+        ):
+            np.testing.assert_array_equal(ours_leaf, reference_leaf)
 
 
 class LogitMapDiscriminatorTest(parameterized.TestCase):
