@@ -9,6 +9,7 @@ INSTALL_REQUIRES = [
     "etils[epath]",
     "flax",
     "grain",
+    "isal",  # python-isal: ISA-L deflate for the slice .npz files, 5x zlib at level 1
     "importlib_resources",  # etils needs it for tfds and tfds does not pull it in.
     "jax",
     "matplotlib",

@@ -22,11 +22,12 @@ import re
 import secrets
 import shutil
 import sqlite3
+import struct
 import subprocess
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+from isal import isal_zlib
 
 from data_pipeline import splits as splits_lib
 
@@ -37,13 +38,13 @@ LINKED_BY = ("series_uid", "contour_images", "geometry")
 MODALITIES = ("CT", "PT", "MR")
 MR_SEQUENCES = ("T1", "T2", "STIR")
 MODALITY_ALIASES = {"PET": "PT"}
-# zlib level 1: about 9x faster than numpy's default (6) on CT slices for ~5% larger files; the
-# compression otherwise dominates ingest time.
+# Deflate level 1: about 9x faster than numpy's default (6) on CT slices for ~5% larger files.
+# Done with ISA-L (python-isal), which deflates a 512x512 int16 slice 5x faster than zlib at the
+# same level and ratio; compression otherwise dominates ingest time.
 NPZ_COMPRESSLEVEL = 1
 _PARTIAL_PREFIX = ".partial-"
 _OLD_SLICES_PREFIX = ".old-slices-"
 _SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -113,16 +114,48 @@ def write_slice_npz(path, image: np.ndarray, mask: np.ndarray) -> int:
             f"and mask {mask.shape}"
         )
     image = _smallest_exact(image)
+    members = []
+    for name, array in (("image", image), ("mask", mask)):
+        member_bytes = io.BytesIO()
+        np.lib.format.write_array(member_bytes, array, allow_pickle=False)
+        members.append((f"{name}.npy", member_bytes.getvalue()))
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, array in (("image", image), ("mask", mask)):
-            member_bytes = io.BytesIO()
-            np.lib.format.write_array(member_bytes, array, allow_pickle=False)
-            archive.writestr(
-                zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH), member_bytes.getvalue(),
-                compress_type=zipfile.ZIP_DEFLATED, compresslevel=NPZ_COMPRESSLEVEL)
+    path.write_bytes(_deflated_zip(members))
     return int(np.count_nonzero(mask))
+
+
+# A minimal zip writer (PKWARE APPNOTE 4.3: local headers, data, central directory, end record),
+# because zipfile can only deflate with zlib and cannot take members compressed elsewhere. Every
+# member is raw deflate from ISA-L, dated 1980-01-01 so the same arrays give the same bytes; no
+# zip64, so a member must stay under 4 GiB (a slice is a few hundred KiB).
+_ZIP_DOS_DATE = (0 << 11, 1 | (1 << 5) | (0 << 9))  # (time, date): 00:00:00, 1980-01-01
+_ZIP_VERSION = 20  # 2.0: deflate
+_ZIP_DEFLATE = 8
+_ZIP_MAX = 0xFFFFFFFF
+
+
+def _deflated_zip(members: Sequence[tuple[str, bytes]]) -> bytes:
+    """The bytes of a zip archive holding each (name, data) member deflated (np.load reads it)."""
+    dos_time, dos_date = _ZIP_DOS_DATE
+    parts, central, offset = [], [], 0
+    for name, data in members:
+        packed = isal_zlib.compress(data, NPZ_COMPRESSLEVEL, wbits=-15)  # raw deflate
+        if len(data) > _ZIP_MAX or len(packed) > _ZIP_MAX:
+            raise ValueError(f"zip member {name} is {len(data)} bytes, over the 4 GiB zip limit")
+        encoded = name.encode("ascii")
+        crc = isal_zlib.crc32(data)
+        fields = (_ZIP_DEFLATE, dos_time, dos_date, crc, len(packed), len(data), len(encoded))
+        local = struct.pack("<IHHHHHIIIHH", 0x04034B50, _ZIP_VERSION, 0, *fields, 0)
+        central.append(
+            struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, _ZIP_VERSION, _ZIP_VERSION, 0, *fields,
+                        0, 0, 0, 0, 0, offset) + encoded)
+        parts += [local, encoded, packed]
+        offset += len(local) + len(encoded) + len(packed)
+    directory = b"".join(central)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(directory),
+                      offset, 0)
+    return b"".join(parts) + directory + end
 
 
 def _check_key(kind: str, key: str) -> str:
@@ -302,8 +335,8 @@ class IndexWriter:
         self._check_open()
         _check_key("series_key", series_key)
         self._check_new_slice(series_key, slice_index)
-        path = self.staging_dir / slice_relpath(series_key, slice_index)
-        if not path.is_file():
+        path = os.path.join(self.staging_dir, slice_relpath(series_key, slice_index))
+        if not os.path.isfile(path):
             raise ValueError(f"slice file {path} was not written")
         self._record_slice(series_key, slice_index, position_mm, sop_instance_uid, tumor_pixels,
                            None)

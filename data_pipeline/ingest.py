@@ -20,7 +20,7 @@ import multiprocessing
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pydicom
@@ -41,6 +41,7 @@ from data_pipeline.rtstruct import (
     DEFAULT_ROI_PATTERNS,
     Contour,
     SeriesGeometry,
+    StructureSet,
     link_rtstruct,
     rasterise,
     read_rtstruct,
@@ -50,7 +51,7 @@ from data_pipeline.rtstruct import (
 # Headers are read in chunks of this many files per worker task, to amortise process overheads.
 _HEADER_CHUNK = 64
 # Threads per worker writing slice files (file creation waits on the file system).
-_WRITER_THREADS = 4
+_WRITER_THREADS = 2
 
 
 @dataclasses.dataclass
@@ -84,14 +85,24 @@ class IngestSummary:
         return "\n".join(lines)
 
 
-def _read_headers(paths: Sequence[str]) -> list[Header | InputProblem]:
-    results = []
+def _read_headers(
+    paths: Sequence[str],
+) -> tuple[list[Header | InputProblem], dict[str, StructureSet | InputProblem]]:
+    """Each file's header or problem, and every RTSTRUCT among them read in full."""
+    results, structures = [], {}
     for path in paths:
         try:
-            results.append(read_header(path))
+            header = read_header(path)
         except InputProblem as problem:
             results.append(problem)
-    return results
+            continue
+        results.append(header)
+        if header.modality == "RTSTRUCT":
+            try:
+                structures[path] = read_rtstruct(path)
+            except InputProblem as problem:
+                structures[path] = problem
+    return results, structures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +125,38 @@ class _SeriesResult:
     tumour_pixels: list[int]
     warnings: list[str]
     problem: InputProblem | None = None
+
+
+def _shared_map(executor, fn, items: Sequence) -> Iterator:
+    """executor.map(fn, items), with this process working too; results in the order of items.
+
+    The workers take items from the front while this process takes, from the back, those no worker
+    has started yet, so that no core idles while worker processes start up (most of a second) and
+    this process is not left waiting on them at the end.
+    """
+    if executor is None:
+        yield from map(fn, items)
+        return
+    futures = [executor.submit(fn, item) for item in items]
+    done_here = {}
+    next_out, back = 0, len(items) - 1
+    try:
+        while next_out < len(items):
+            if next_out in done_here:
+                yield done_here.pop(next_out)
+            elif futures[next_out].done():
+                yield futures[next_out].result()
+            elif back >= next_out and futures[back].cancel():
+                done_here[back] = fn(items[back])
+                back -= 1
+                continue
+            else:
+                back = -1  # the workers hold everything left: wait for them in order
+                yield futures[next_out].result()
+            next_out += 1
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 @functools.cache
@@ -205,7 +248,7 @@ def ingest(
       clinical: optional CSV/XLSX with age, sex, site per patient.
       split_scheme: 'patient' or 'thesis' (see data_pipeline.splits).
       seed: the split seed.
-      workers: processes reading DICOM (1 = in this process).
+      workers: processes reading DICOM and writing slices: this one plus workers - 1 more.
       roi_patterns: ROI name patterns in order of preference.
       patient_salt: when given, patient keys are salted hashes of PatientID.
       progress: show progress bars.
@@ -245,15 +288,20 @@ def ingest(
 
     executor = None
     if workers > 1:
-        executor = concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("forkserver")
-        )
+        context = multiprocessing.get_context("forkserver")
+        # Workers forked from a server that has imported what ingest needs (numpy, pydicom,
+        # scikit-image...) start in milliseconds. Not ingest itself: `python -m
+        # data_pipeline.ingest` runs it as the workers' __main__ too.
+        context.set_forkserver_preload(["data_pipeline"])
+        executor = concurrent.futures.ProcessPoolExecutor(workers - 1, mp_context=context)
     try:
         chunks = [files[i : i + _HEADER_CHUNK] for i in range(0, len(files), _HEADER_CHUNK)]
-        mapper = executor.map if executor else map
+        mapper = functools.partial(_shared_map, executor)
         headers: list[Header] = []
         with tqdm.tqdm(total=len(files), desc="headers", unit="file", disable=not progress) as bar:
-            for chunk_results in mapper(_read_headers, chunks):
+            structures: dict[str, StructureSet | InputProblem] = {}
+            for chunk_results, chunk_structures in mapper(_read_headers, chunks):
+                structures.update(chunk_structures)
                 for result in chunk_results:
                     if isinstance(result, InputProblem):
                         report(f"{relative(result.path)}: {result.reason}; skipped")
@@ -290,11 +338,11 @@ def ingest(
         tasks: list[_SeriesTask] = []
         # series uid -> (RTSTRUCT header, ROI name, how it was linked, the ROI's contours)
         linked: dict[str, tuple[Header, str, str, tuple[Contour, ...]]] = {}
-        for rt_header in sorted(rtstruct_headers, key=lambda h: h.path):
-            try:
-                structure = read_rtstruct(rt_header.path)
-            except InputProblem as problem:
-                report(f"{relative(problem.path)}: {problem.reason}; skipped")
+        rtstruct_headers.sort(key=lambda h: h.path)
+        for rt_header in rtstruct_headers:
+            structure = structures[rt_header.path]
+            if isinstance(structure, InputProblem):
+                report(f"{relative(structure.path)}: {structure.reason}; skipped")
                 continue
             roi_name = select_rois(list(structure.rois), roi_patterns)
             if roi_name is None or not structure.rois[roi_name]:
@@ -400,7 +448,7 @@ def ingest(
             writer.commit()
     finally:
         if executor is not None:
-            executor.shutdown()
+            executor.shutdown(cancel_futures=True)
     return summary
 
 
@@ -475,7 +523,9 @@ def _define_flags() -> None:
         "split_scheme", "patient", ["patient", "thesis"], "How to split train/val/test."
     )
     flags.DEFINE_integer("seed", 0, "Seed of the split assignment.")
-    flags.DEFINE_integer("workers", 1, "Processes reading DICOM.")
+    flags.DEFINE_integer(
+        "workers", 1, "Processes reading DICOM and writing slices (this one included)."
+    )
     flags.DEFINE_list(
         "rois", list(DEFAULT_ROI_PATTERNS), "ROI name patterns, in order of preference."
     )

@@ -25,6 +25,12 @@ class Contour:
 
     points_mm: np.ndarray
     referenced_sop_uids: tuple[str, ...]
+    # Unit normal of the contour's plane (None under 3 points), computed where the contour is read
+    # (an ingest worker), not where it is linked.
+    plane_normal: np.ndarray | None = dataclasses.field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "plane_normal", _plane_normal(self.points_mm))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,14 +55,16 @@ class StructureSet:
 
     def contour_planes(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(points, plane normal) of every contour, for geometric linking."""
-        return [(c.points_mm, _plane_normal(c.points_mm)) for cs in self.rois.values() for c in cs]
+        return [(c.points_mm, c.plane_normal) for cs in self.rois.values() for c in cs]
 
 
 def _plane_normal(points_mm: np.ndarray) -> np.ndarray | None:
     if len(points_mm) < 3:
         return None
     centred = points_mm - points_mm.mean(axis=0)
-    normal = np.linalg.svd(centred, full_matrices=False)[2][-1]
+    # The scatter matrix's least eigenvector: the SVD's last right singular vector, for a 3x3
+    # eigendecomposition instead of an n x 3 SVD.
+    normal = np.linalg.eigh(centred.T @ centred)[1][:, 0]
     return normal / np.linalg.norm(normal)
 
 
@@ -169,13 +177,14 @@ def geometric_fit(structure: StructureSet, geometry: SeriesGeometry) -> float | 
     They fit when every contour is parallel to the slices and within half a slice spacing of one.
     """
     normal = geometry.normal
+    half_spacing = geometry.half_spacing
     distances = []
     for points, plane_normal in structure.contour_planes():
         if plane_normal is not None and abs(float(plane_normal @ normal)) < 1 - 1e-3:
             return None
         coord = float((points @ normal).mean())
         distance = float(np.abs(geometry.slice_coords - coord).min())
-        if distance > geometry.half_spacing:
+        if distance > half_spacing:
             return None
         distances.append(distance)
     return float(np.mean(distances)) if distances else None

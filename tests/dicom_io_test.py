@@ -1,11 +1,14 @@
 """Tests for DICOM series loading, units, ordering, MR classification and RTSTRUCT masks."""
 
+import dataclasses
 import datetime
 import glob
 import math
 import os
 import pathlib
+import shutil
 import tempfile
+import warnings
 
 import numpy as np
 import pydicom
@@ -295,3 +298,103 @@ class ReferenceMaskTest(parameterized.TestCase):
 
 if __name__ == "__main__":
     absltest.main()
+
+
+def _header_by_pydicom(path):
+    """read_header through pydicom's own reader, as before the scanner existed."""
+    scan = dicom_io._scan_header
+    dicom_io._scan_header = lambda _: None
+    try:
+        return dicom_io.read_header(path)
+    except dicom_io.InputProblem as problem:
+        return str(problem)
+    finally:
+        dicom_io._scan_header = scan
+
+
+def _header(path):
+    try:
+        return dicom_io.read_header(path)
+    except dicom_io.InputProblem as problem:
+        return str(problem)
+
+
+class HeaderScanTest(absltest.TestCase):
+    """The fast header scanner against pydicom's reader: equal headers, equal pixels."""
+
+    def assert_same_headers(self, files):
+        scanned = 0
+        for path in files:
+            expected, got = _header_by_pydicom(path), _header(path)
+            scanned += dicom_io._scan_header(path) is not None
+            if isinstance(expected, dicom_io.Header) and expected.pixel_offset is None and (
+                isinstance(got, dicom_io.Header) and got.pixel_offset is not None
+            ):
+                # Small pixel data pydicom reads eagerly: the scanner locates it in the file.
+                np.testing.assert_array_equal(
+                    dicom_io._physical_values(got), dicom_io._physical_values(expected), path)
+                got = dataclasses.replace(got, pixel_offset=None, pixel_dtype=None)
+            self.assertEqual(got, expected, path)
+        return scanned
+
+    def test_phantom(self):
+        from data_pipeline import phantom
+
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        phantom.write_phantom(folder, 2, seed=3, progress=False)
+        files = sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True))
+        files = [f for f in files if os.path.isfile(f)]
+        dicom_files = [f for f in files if f.endswith(".dcm")]
+        self.assertGreater(len(dicom_files), 100)
+        self.assertEqual(self.assert_same_headers(files), len(dicom_files))
+
+    def test_real_data(self):
+        if not STS_IBSI.is_dir():
+            self.skipTest(f"{STS_IBSI} is absent")
+        files = sorted(str(p) for p in (STS_IBSI / "dicom").rglob("*") if p.is_file())
+        self.assertGreater(self.assert_same_headers(files), 0.95 * len(files))
+
+    def test_pydicom_test_files(self):
+        # Big endian, deflated, compressed, implicit VR, truncated, not DICOM at all: the scanner
+        # reads what it can and leaves the rest to pydicom, with the same result either way.
+        files = pydicom.data.get_testdata_files("*")
+        self.assertGreater(len(files), 50)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about the broken ones
+            self.assert_same_headers(files)
+        # A malformed value is an input problem, not a crash.
+        (bad_vr,) = pydicom.data.get_testdata_files("badVR.dcm")
+        with self.assertRaisesRegex(dicom_io.InputProblem, "badVR.dcm: malformed image"):
+            dicom_io.read_header(bad_vr)
+
+    def test_implicit_vr_nested_sequences_and_latin1_text(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "pt.dcm")
+        write_image(
+            path, modality="PT", pixels=np.arange(12, dtype=np.uint16).reshape(3, 4),
+            position=(0, 0, 5), orientation=(1, 0, 0, 0, 1, 0), spacing=(2, 2),
+            series_uid="1.2.9", frame_uid="1.2.10",
+        )
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SeriesDescription = "Oberschenkel rechts, Größe"
+        ds.Units, ds.PatientWeight, ds.DecayCorrection = "BQML", 70.0, "START"
+        ds.SeriesDate, ds.SeriesTime = "20200101", "120000"
+        drug = pydicom.Dataset()
+        drug.RadionuclideTotalDose, drug.RadionuclideHalfLife = 3.7e8, 6586.2
+        drug.RadiopharmaceuticalStartTime = "110000"
+        code = pydicom.Dataset()  # a sequence inside the sequence item
+        code.CodeValue, code.CodingSchemeDesignator = "C-111A1", "SRT"
+        drug.RadionuclideCodeSequence = [code]
+        ds.RadiopharmaceuticalInformationSequence = [drug]
+        ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=True)
+        self.assertIsNotNone(dicom_io._scan_header(path))
+        self.assert_same_headers([path])
+        header = dicom_io.read_header(path)
+        self.assertEqual(header.description, "Oberschenkel rechts, Größe")
+        self.assertEqual(header.units, "SUV")
+        decay = math.exp(-math.log(2) * 3600 / 6586.2)
+        self.assertAlmostEqual(header.units_factor, 70e3 / (3.7e8 * decay))

@@ -1,5 +1,6 @@
 """Tests of IndexWriter, Index (data_pipeline/index.py) and read_clinical on synthetic data."""
 
+import io
 import os
 import pathlib
 import sqlite3
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -386,6 +388,33 @@ class SliceFileTest(absltest.TestCase):
                 self.assertEqual(loaded_image.dtype, np.float32)
                 np.testing.assert_array_equal(loaded_image, image)
                 np.testing.assert_array_equal(loaded_mask, mask.astype(np.uint8))
+
+
+    def test_archive_is_a_valid_deflated_zip_with_fixed_bytes(self):
+        rng = np.random.default_rng(0)
+        image = rng.normal(0.0, 50.0, (64, 48)).round().astype(np.float32)
+        mask = rng.random((64, 48)) > 0.7
+        with tempfile.TemporaryDirectory() as folder:
+            first, second = os.path.join(folder, "a.npz"), os.path.join(folder, "b.npz")
+            index_lib.write_slice_npz(first, image, mask)
+            index_lib.write_slice_npz(second, image, mask)
+            with open(first, "rb") as a, open(second, "rb") as b:
+                self.assertEqual(a.read(), b.read())
+            with zipfile.ZipFile(first) as archive:
+                self.assertIsNone(archive.testzip())  # every member's CRC checks out
+                infos = archive.infolist()
+                self.assertEqual([info.filename for info in infos], ["image.npy", "mask.npy"])
+                for info in infos:
+                    self.assertEqual(info.compress_type, zipfile.ZIP_DEFLATED)
+                    self.assertEqual(info.date_time, (1980, 1, 1, 0, 0, 0))
+                    self.assertLess(info.compress_size, info.file_size)
+                # The members are the .npy bytes numpy itself writes for these arrays.
+                expected = io.BytesIO()
+                np.lib.format.write_array(expected, mask, allow_pickle=False)
+                self.assertEqual(archive.read("mask.npy"), expected.getvalue())
+            with np.load(first) as arrays:
+                np.testing.assert_array_equal(arrays["image"], image.astype(np.int16))
+                np.testing.assert_array_equal(arrays["mask"], mask)
 
 
 class ReadClinicalTest(absltest.TestCase):

@@ -313,5 +313,31 @@ class RealDataIngestTest(absltest.TestCase):
             self.assertEqual(rois, {"series_uid"})
 
 
+class SharedMapTest(absltest.TestCase):
+
+    def test_results_in_order_with_this_thread_working_too(self):
+        import concurrent.futures
+        import threading
+        import time
+
+        def work(item):
+            time.sleep(0.002)
+            return item * item, threading.get_ident()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            results = list(ingest_lib._shared_map(executor, work, list(range(60))))
+        self.assertEqual([value for value, _ in results], [i * i for i in range(60)])
+        here = threading.get_ident()
+        ran_here = [i for i, (_, thread) in enumerate(results) if thread == here]
+        # This thread took items from the back, the worker from the front; both did some.
+        self.assertNotEmpty(ran_here)
+        self.assertLess(len(ran_here), 60)
+        self.assertEqual(ran_here, list(range(60 - len(ran_here), 60)))
+
+    def test_without_executor_is_map(self):
+        self.assertEqual(list(ingest_lib._shared_map(None, abs, [-2, 3, -4])), [2, 3, 4])
+
+
+
 if __name__ == "__main__":
     absltest.main()
