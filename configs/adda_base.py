@@ -140,7 +140,9 @@ def get_config(
     config.confusion_delay = 2000  # discriminator steps before confusion stop may select
     config.best_loss_min_target_steps = 50
 
-    config.fused_cycles = True  # one compiled call per cycle (False: one per step)
+    # True: one compiled call per cycle; False: one per step (same numbers); None: True except on
+    # CPU, where convolution gradients inside a loop are 7x slower (benchmarks/README.md).
+    config.fused_cycles = config_dict.placeholder(bool)
     config.num_devices = 0  # data parallel over the first n local devices; 0 = all
     config.checkpoint_every_cycles = 1
     config.progress_bar = source_config.get_ref("progress_bar")  # shared with config.source

@@ -71,7 +71,7 @@ def get_config(arg: str | None = None, dataset: str = "svhn_mnist") -> ml_collec
     config.confusion_delay = 2000  # discriminator steps before confusion stop may select
     config.best_loss_min_target_steps = 50
 
-    config.fused_cycles = True
+    config.fused_cycles = config_dict.placeholder(bool)  # None: fused except on CPU
     config.num_devices = 0  # 0 = all local devices
     config.checkpoint_every_cycles = 100  # cycles are short here
     config.progress_bar = True

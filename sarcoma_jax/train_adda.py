@@ -60,9 +60,11 @@ passing `task=` to `train_and_evaluate`. A Task has:
 
 Performance (issue 6): a cycle runs as one compiled call (`run_cycle`: `lax.scan` over the stacked
 k_d and k_t batches, the state donated); `fused_cycles=False` runs one call per step with the same
-numbers. Batches are sharded over a 1-D `jax.sharding.Mesh` of the local devices (axis 'batch',
-parameters replicated; `num_devices`, 0 = all), so BatchNorm statistics and losses are over the
-global batch. The whole game state is one pytree (`GameState`) so it can be vmapped over seeds.
+numbers, and is what `fused_cycles=None` (the default) picks on CPU, where XLA runs convolution
+gradients inside a loop 7x slower (jax#12868; benchmarks/README.md). Batches are sharded over a
+1-D `jax.sharding.Mesh` of the local devices (axis 'batch', parameters replicated; `num_devices`,
+0 = all), so BatchNorm statistics and losses are over the global batch. The whole game state is
+one pytree (`GameState`) so it can be vmapped over seeds.
 
 Outputs in workdir:
   config.json, provenance.json     what ran
@@ -1051,6 +1053,13 @@ def _compile(game: Game, config: ml_collections.ConfigDict, mesh: Mesh) -> _Comp
     )
 
 
+def fused_cycles(config: ml_collections.ConfigDict) -> bool:
+    """config.fused_cycles, with None read as: fused unless the devices are CPUs."""
+    if config.get("fused_cycles") is not None:
+        return bool(config.fused_cycles)
+    return jax.default_backend() != "cpu"
+
+
 def _play(
     compiled: _Compiled,
     fused: bool,
@@ -1151,6 +1160,7 @@ def train_and_evaluate(
 
     mesh = Mesh(np.asarray(mesh_devices(config)), (BATCH_AXIS,))
     compiled = _compile(game, config, mesh)
+    fused = fused_cycles(config)
     source_variables = jax.device_put(dict(source_variables), compiled.replicated)
     state = create_game_state(
         jax.random.PRNGKey(config.seed),
@@ -1259,7 +1269,7 @@ def train_and_evaluate(
             )
         before = counters(state)
         phase_start = time.time()
-        state, step_metrics = _play(compiled, config.fused_cycles, state, source_variables, batches)
+        state, step_metrics = _play(compiled, fused, state, source_variables, batches)
         _check_finite(
             step_metrics,
             before,

@@ -89,6 +89,7 @@ def toy_config(**overrides):
     config.disc_steps_per_cycle = 3
     config.target_steps_per_cycle = 2
     config.target_epochs = 2.0  # 6 target steps: 3 cycles
+    config.fused_cycles = True  # the fused path (the CPU default is one call per step)
     config.confusion_window = 2
     config.confusion_delay = 4
     config.best_loss_min_target_steps = 2
@@ -245,6 +246,12 @@ class ToyGameTest(absltest.TestCase):
         np.testing.assert_allclose(
             self.reference["criteria"]["initial"]["test"]["f1"], expected["f1"], rtol=1e-6
         )
+
+    def test_fused_cycles_default_to_unfused_on_cpu_only(self):
+        config = toy_config(fused_cycles=None)
+        self.assertEqual(train_adda.fused_cycles(config), jax.default_backend() != "cpu")
+        self.assertTrue(train_adda.fused_cycles(toy_config(fused_cycles=True)))
+        self.assertFalse(train_adda.fused_cycles(toy_config(fused_cycles=False)))
 
     def test_fused_and_unfused_cycles_give_the_same_numbers(self):
         workdir = pathlib.Path(self.tmp.name) / "unfused"
