@@ -47,6 +47,9 @@ def get_config(
     config.model.downsampling = "conv"  # 'conv' (strided, the reference) | 'maxpool'
     config.model.upsampling = "zero_insert"  # 'zero_insert' (reference) | 'transpose' | 'nearest'
     config.model.eval_batch_stats = False  # True: BN with batch statistics at eval (the reference)
+    # 'bfloat16': mixed precision (bf16 convolutions and activations; f32 parameters, BN
+    # statistics, logits and loss). Worth it on GPUs and TPUs; on CPUs bf16 is emulated and slower.
+    config.model.compute_dtype = "float32"
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = learning_rate

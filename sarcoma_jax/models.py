@@ -14,6 +14,7 @@ BN_EPSILON = 1e-3
 # U-Net variants (UNet.downsampling, UNet.upsampling).
 DOWNSAMPLING = ("conv", "maxpool")
 UPSAMPLING = ("zero_insert", "transpose", "nearest")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class ZeroInsertUpsampling(nn.Module):
@@ -28,6 +29,7 @@ class ZeroInsertUpsampling(nn.Module):
     """
 
     features: int
+    dtype: Any = None  # computation dtype (None: that of the input); parameters stay float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -36,6 +38,7 @@ class ZeroInsertUpsampling(nn.Module):
             "kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features)
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         projected = jnp.einsum("bhwc,cf->bhwf", x, kernel[0, 0])
         zero = jnp.zeros((), projected.dtype)
         upsampled = lax.pad(projected, zero, ((0, 0, 0), (0, 1, 1), (0, 1, 1), (0, 0, 0)))
@@ -43,12 +46,15 @@ class ZeroInsertUpsampling(nn.Module):
 
 
 def _batch_norm(
-    use_running_average: bool, momentum: float = BN_MOMENTUM, name: str | None = None
+    use_running_average: bool, momentum: float = BN_MOMENTUM, name: str | None = None,
+    dtype: Any = None,
 ) -> nn.BatchNorm:
+    # Flax computes the statistics in at least float32 whatever `dtype` (the output's) is.
     return nn.BatchNorm(
         use_running_average=use_running_average,
         momentum=momentum,
         epsilon=BN_EPSILON,
+        dtype=dtype,
         name=name,
     )
 
@@ -74,6 +80,8 @@ class UNet(nn.Module):
         True, apply at evaluation with mutable=['batch_stats'] and discard the update.
       bn_momentum: BatchNorm running-average momentum (0.99 as Keras); a clone with 0 makes a
         training pass store each batch's own statistics (used to re-estimate them).
+      compute_dtype: 'float32' or 'bfloat16' (mixed precision: convolutions and activations in
+        bfloat16, parameters, BatchNorm statistics, logits and hence the loss in float32).
     """
 
     depth: int = 3
@@ -82,25 +90,41 @@ class UNet(nn.Module):
     upsampling: str = "zero_insert"
     eval_batch_stats: bool = False
     bn_momentum: float = BN_MOMENTUM
+    compute_dtype: str = "float32"
+
+    @property
+    def _dtype(self):
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"unknown compute_dtype {self.compute_dtype!r}; use 'float32' or 'bfloat16'"
+            )
+        return jnp.dtype(self.compute_dtype)
+
+    def _conv(self, features: int, kernel, name: str, strides=(1, 1)) -> nn.Conv:
+        return nn.Conv(
+            features, kernel, strides=strides, padding="SAME", dtype=self._dtype, name=name
+        )
 
     def _down(self, x: jax.Array, features: int, name: str) -> jax.Array:
         if self.downsampling == "conv":
-            return nn.relu(nn.Conv(features, (2, 2), strides=(2, 2), padding="SAME", name=name)(x))
+            return nn.relu(self._conv(features, (2, 2), name, strides=(2, 2))(x))
         if self.downsampling == "maxpool":
             return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
         raise ValueError(f"unknown downsampling {self.downsampling!r}; use 'conv' or 'maxpool'")
 
     def _up(self, x: jax.Array, features: int, name: str) -> jax.Array:
         if self.upsampling == "zero_insert":
-            up = ZeroInsertUpsampling(features, name=name)(x)
+            up = ZeroInsertUpsampling(features, dtype=self._dtype, name=name)(x)
         elif self.upsampling == "transpose":
-            up = nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="SAME", name=name)(x)
+            up = nn.ConvTranspose(
+                features, (2, 2), strides=(2, 2), padding="SAME", dtype=self._dtype, name=name
+            )(x)
         elif self.upsampling == "nearest":
             batch, height, width, channels = x.shape
             resized = jax.image.resize(
                 x, (batch, 2 * height, 2 * width, channels), method="nearest"
             )
-            up = nn.Conv(features, (3, 3), padding="SAME", name=name)(resized)
+            up = self._conv(features, (3, 3), name)(resized)
         else:
             raise ValueError(
                 f"unknown upsampling {self.upsampling!r}; "
@@ -110,34 +134,42 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-        """Maps images (batch, h, w, channels) to logits (batch, h, w, 1)."""
+        """Maps images (batch, h, w, channels) to float32 logits (batch, h, w, 1)."""
         use_running_average = not train and not self.eval_batch_stats
+        dtype = self._dtype
+
+        def batch_norm(name):
+            return _batch_norm(use_running_average, self.bn_momentum, name=name, dtype=dtype)
+
+        def conv_relu(x, features, name):
+            return nn.relu(self._conv(features, (3, 3), name)(x))
+
         level_filters = [self.base_filters * 2 ** (level + 1) for level in range(self.depth)]
         x = images
         skips = []
         for level, features in enumerate(level_filters):
-            x = nn.relu(nn.Conv(features, (3, 3), padding="SAME", name=f"enc{level}_conv0")(x))
-            x = nn.relu(nn.Conv(features, (3, 3), padding="SAME", name=f"enc{level}_conv1")(x))
-            x = _batch_norm(use_running_average, self.bn_momentum, name=f"enc{level}_bn")(x)
+            x = conv_relu(x, features, f"enc{level}_conv0")
+            x = conv_relu(x, features, f"enc{level}_conv1")
+            x = batch_norm(f"enc{level}_bn")(x)
             skips.append(x)
             x = self._down(x, features, name=f"enc{level}_down")
 
         bottleneck_filters = self.base_filters * 2 ** (self.depth + 1)
-        x = _batch_norm(use_running_average, self.bn_momentum, name="bottleneck_bn")(x)
-        x = nn.relu(nn.Conv(bottleneck_filters, (3, 3), padding="SAME", name="bottleneck_conv0")(x))
-        x = nn.relu(nn.Conv(bottleneck_filters, (3, 3), padding="SAME", name="bottleneck_conv1")(x))
+        x = batch_norm("bottleneck_bn")(x)
+        x = conv_relu(x, bottleneck_filters, "bottleneck_conv0")
+        x = conv_relu(x, bottleneck_filters, "bottleneck_conv1")
 
         for level in reversed(range(self.depth)):
             features = level_filters[level]
             up = self._up(x, features, name=f"dec{level}_up")
             x = jnp.concatenate([skips[level], up], axis=-1)
-            x = _batch_norm(use_running_average, self.bn_momentum, name=f"dec{level}_bn")(x)
-            x = nn.relu(nn.Conv(features, (3, 3), padding="SAME", name=f"dec{level}_conv0")(x))
-            x = nn.relu(nn.Conv(features, (3, 3), padding="SAME", name=f"dec{level}_conv1")(x))
+            x = batch_norm(f"dec{level}_bn")(x)
+            x = conv_relu(x, features, f"dec{level}_conv0")
+            x = conv_relu(x, features, f"dec{level}_conv1")
 
-        x = nn.Conv(1, (3, 3), padding="SAME", name="head_conv0")(x)
-        x = _batch_norm(use_running_average, self.bn_momentum, name="head_bn")(x)
-        return nn.Conv(1, (3, 3), padding="SAME", name="head_conv1")(x)
+        x = self._conv(1, (3, 3), "head_conv0")(x)
+        x = batch_norm("head_bn")(x)
+        return self._conv(1, (3, 3), "head_conv1")(x).astype(jnp.float32)
 
 
 class LogitMapDiscriminator(nn.Module):

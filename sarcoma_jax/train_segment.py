@@ -266,6 +266,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.model.upsampling {model_config.upsampling!r}; "
             f"use one of {', '.join(models.UPSAMPLING)}"
         )
+    if model_config.get("compute_dtype", "float32") not in models.COMPUTE_DTYPES:
+        raise error(
+            f"config.model.compute_dtype {model_config.compute_dtype!r}; "
+            f"use one of {', '.join(models.COMPUTE_DTYPES)}"
+        )
     input_pipeline.validate_data_config(config.data, size_divisor=2**model_config.depth)
     for name in ("batch_size", "eval_batch_size", "num_epochs"):
         if config[name] < 1:
