@@ -100,3 +100,15 @@ def write(path: str | pathlib.Path, record: Mapping[str, Any]) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return path
+
+
+def add(path: str | pathlib.Path, extra: Mapping[str, Any]) -> pathlib.Path:
+    """Adds fields to the record at `path` (written at the start of the run), keeping the rest.
+
+    What produced a run is what was there when it started: collecting again at the end would
+    record files edited while it ran (a dirty tree) and the end time as its creation.
+    """
+    path = pathlib.Path(path)
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record.update(json.loads(json.dumps(dict(extra), default=str)))
+    return write(path, record)

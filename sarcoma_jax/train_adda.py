@@ -1380,12 +1380,7 @@ def train_and_evaluate(
         "wall_time_s": train_seconds,
     }
     (workdir / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
-    provenance.write(
-        workdir / "provenance.json",
-        provenance.collect(
-            config, config.seed, extra={"data": counts, "wall_time_s": train_seconds}
-        ),
-    )
+    provenance.add(workdir / "provenance.json", {"data": counts, "wall_time_s": train_seconds})
     for manager in managers.values():
         manager.close()
     return results

@@ -567,11 +567,8 @@ def train_and_evaluate(
             f"{test_data['patient_key'][i]} #{i}  F1 {test_f1_per_image[i]:.2f}" for i in shown
         ],
     )
-    provenance.write(
-        workdir / "provenance.json",
-        provenance.collect(
-            config, config.seed, extra={"data": counts, "train_wall_time_s": train_seconds}
-        ),
+    provenance.add(
+        workdir / "provenance.json", {"data": counts, "train_wall_time_s": train_seconds}
     )
     latest_manager.close()
     best_manager.close()
