@@ -40,5 +40,6 @@ setuptools.setup(
     extras_require={
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "pandas", "ruff"],
         "bench": ["torch==2.13.0"],
+        "notebooks": ["pandas", "ipython"],  # colab/*.ipynb (Colab has both already)
     },
 )

@@ -28,6 +28,9 @@ def get_config(
     config = ml_collections.ConfigDict()
     config.experiment = "segment"
     config.seed = 0  # init, data order
+    # > 1: seeds seed, seed + 1, ... trained together by one vmapped, jit-compiled step; each
+    # seed's run (results, checkpoints, figures) goes to <workdir>/seed_<s>/.
+    config.num_seeds = 1
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "phantom"  # 'phantom' | 'dicom' (a DICOM root) | 'index' (ingested)

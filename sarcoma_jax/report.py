@@ -367,6 +367,19 @@ def _variant_letter(index: int) -> str:
     return letters
 
 
+def _expand_seed_runs(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
+    """Each path, with a `num_seeds` run (train_segment) replaced by its seed_<s> run folders."""
+    expanded = []
+    for path in map(pathlib.Path, paths):
+        config_path = path / "config.json"
+        seeds = _read_json(config_path).get("num_seeds", 1) if config_path.is_file() else 1
+        if isinstance(seeds, int) and seeds > 1:
+            expanded.extend(sorted(path.glob("seed_*"), key=lambda p: int(p.name[5:])))
+        else:
+            expanded.append(path)
+    return expanded
+
+
 def load_runs(paths: Iterable[str | pathlib.Path]) -> tuple[list[Run], list[str]]:
     """Reads the workdirs, skipping unfinished ones, and assigns variants.
 
@@ -382,7 +395,7 @@ def load_runs(paths: Iterable[str | pathlib.Path]) -> tuple[list[Run], list[str]
             "no workdirs given; usage: python -m sarcoma_jax.report W1 W2 ... --out R"
         )
     runs, warnings = [], []
-    for path in paths:
+    for path in _expand_seed_runs(paths):
         run = load_run(path)
         if run is None:
             warnings.append(f"skipping {path}: no results.json (an unfinished run?)")

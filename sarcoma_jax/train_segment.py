@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import pathlib
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -76,7 +77,29 @@ def create_train_state(
     optimizer: optax.GradientTransformation,
 ) -> TrainState:
     """Initialises params, BatchNorm statistics and optimizer state for `image_shape` (h, w, c)."""
+    init = _state_initializer(model, image_shape, optimizer)
+    # One jit-compiled init (eager init compiles every initializer for every shape), without XLA's
+    # optimisation passes: it runs once, and they make compiling the RNG code ~10x slower.
+    return jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})(rng)
 
+
+def create_train_states(
+    rngs: jax.Array,
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+    optimizer: optax.GradientTransformation,
+) -> TrainState:
+    """`create_train_state` for a stack of keys (seeds, 2): every leaf gets a leading seed axis.
+
+    Random numbers do not depend on vmap, so seed i's slice equals create_train_state(rngs[i]).
+    """
+    init = jax.vmap(_state_initializer(model, image_shape, optimizer))
+    return jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})(rngs)
+
+
+def _state_initializer(
+    model: nn.Module, image_shape: tuple[int, int, int], optimizer: optax.GradientTransformation
+) -> Callable[[jax.Array], TrainState]:
     def init(rng: jax.Array) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
         variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
@@ -90,9 +113,7 @@ def create_train_state(
         # A strongly typed step, as a restored checkpoint has, so resuming does not recompile.
         return state.replace(step=jnp.zeros((), jnp.int32))
 
-    # One jit-compiled init (eager init compiles every initializer for every shape), without XLA's
-    # optimisation passes: it runs once, and they make compiling the RNG code ~10x slower.
-    return jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})(rng)
+    return init
 
 
 def pixel_bce_per_image(logits: jax.Array, masks: jax.Array) -> jax.Array:
@@ -271,6 +292,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.model.compute_dtype {model_config.compute_dtype!r}; "
             f"use one of {', '.join(models.COMPUTE_DTYPES)}"
         )
+    if config.get("num_seeds", 1) < 1:
+        raise error(f"config.num_seeds must be >= 1, got {config.num_seeds}")
     input_pipeline.validate_data_config(config.data, size_divisor=2**model_config.depth)
     for name in ("batch_size", "eval_batch_size", "num_epochs"):
         if config[name] < 1:
@@ -398,6 +421,8 @@ def train_and_evaluate(
     """
     validate_config(config)
     workdir = pathlib.Path(workdir)
+    if config.get("num_seeds", 1) > 1:
+        return _train_seeds(config, workdir)
     index = input_pipeline.open_index(config.data, progress=config.progress_bar)
     records = input_pipeline.query_splits(
         index, config.data.modality, tumour_only=config.data.tumour_only
@@ -407,7 +432,7 @@ def train_and_evaluate(
     provenance.write(workdir / "provenance.json", provenance.collect(config, config.seed))
 
     splits = input_pipeline.load_splits(records, config.data.image_size)
-    train_data, val_data, test_data = splits["train"], splits["val"], splits["test"]
+    train_data, val_data = splits["train"], splits["val"]
     counts = {
         split: {
             "slices": int(arrays["image"].shape[0]),
@@ -526,6 +551,28 @@ def train_and_evaluate(
     progress.close()
     train_seconds = loop_state["train_seconds"] + time.time() - loop_start_time
 
+    latest_manager.close()
+    results = _finish(
+        config, workdir, state, best_manager, eval_fn, splits, counts, total_steps, history,
+        train_seconds,
+    )
+    return results
+
+
+def _finish(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    state: TrainState,
+    best_manager: ocp.CheckpointManager,
+    eval_fn: Callable,
+    splits: Mapping[str, Mapping[str, np.ndarray]],
+    counts: Mapping[str, Any],
+    total_steps: int,
+    history: list[dict],
+    train_seconds: float,
+) -> dict:
+    """Scores a finished run's best state on val and test; writes results.json and figures."""
+    train_data, val_data, test_data = splits["train"], splits["val"], splits["test"]
     best_state, best_loop = _restore(best_manager, state)
     val_metrics, _ = evaluate(eval_fn, best_state, val_data, config.eval_batch_size)
     test_metrics, test_probs = evaluate(eval_fn, best_state, test_data, config.eval_batch_size)
@@ -570,7 +617,6 @@ def train_and_evaluate(
     provenance.add(
         workdir / "provenance.json", {"data": counts, "train_wall_time_s": train_seconds}
     )
-    latest_manager.close()
     best_manager.close()
     _report(
         f"best epoch {results['best_epoch']}: test F1 {test_metrics['f1']:.3f}, accuracy "
@@ -579,3 +625,137 @@ def train_and_evaluate(
         config.progress_bar,
     )
     return results
+
+
+def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    """The config of one seed of a `num_seeds` run: `seed` set, `num_seeds` 1."""
+    single = config.copy_and_resolve_references()
+    single.seed = seed
+    single.num_seeds = 1
+    return single
+
+
+def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    """`config.num_seeds` seeds (config.seed, config.seed + 1, ...) in one compiled train step.
+
+    The train state and the batches get a leading seed axis and `train_step` is vmapped over it, so
+    one jit-compiled call trains every seed; each seed keeps its own initialisation, data order,
+    BatchNorm re-estimation, best-val-F1 checkpoint and results, in `workdir/seed_<s>/`, laid out
+    like a single run (and equal to one up to float reassociation; tests/train_segment_test.py).
+    `workdir/results.json` lists the seeds' test metrics. A killed run starts again from scratch
+    (only single-seed runs keep a resumable checkpoint).
+    """
+    seeds = [config.seed + i for i in range(config.num_seeds)]
+    index = input_pipeline.open_index(config.data, progress=config.progress_bar)
+    records = input_pipeline.query_splits(
+        index, config.data.modality, tumour_only=config.data.tumour_only
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_config(config, workdir)
+    provenance.write(workdir / "provenance.json", provenance.collect(config, config.seed))
+    seed_configs = [seed_config(config, seed) for seed in seeds]
+    seed_dirs = [workdir / f"seed_{seed}" for seed in seeds]
+    for single, seed_dir in zip(seed_configs, seed_dirs, strict=True):
+        seed_dir.mkdir(exist_ok=True)
+        write_config(single, seed_dir)
+        provenance.write(seed_dir / "provenance.json", provenance.collect(single, single.seed))
+        shutil.rmtree(seed_dir / "checkpoints", ignore_errors=True)  # an interrupted attempt
+
+    splits = input_pipeline.load_splits(records, config.data.image_size)
+    train_data, val_data = splits["train"], splits["val"]
+    counts = {
+        split: {
+            "slices": int(arrays["image"].shape[0]),
+            "patients": int(np.unique(arrays["patient_key"]).size),
+        }
+        for split, arrays in splits.items()
+    }
+    model = create_model(config.model)
+    states = create_train_states(
+        jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]),
+        model,
+        train_data["image"].shape[1:],
+        create_optimizer(config.optimizer),
+    )
+    train_fn = jax.jit(jax.vmap(train_step), donate_argnums=0)
+    eval_fn = jax.jit(
+        functools.partial(eval_step, batch_stats_at_eval=config.model.eval_batch_stats)
+    )
+    stats_fn = jax.jit(
+        functools.partial(batch_stats_step, stats_apply_fn=model.clone(bn_momentum=0.0).apply)
+    )
+    recalibration_batches = 0 if config.model.eval_batch_stats else config.bn_recalibration_batches
+    iterators = [loader.train_batches(train_data, config.batch_size, seed=seed) for seed in seeds]
+    best_managers = [_checkpoint_manager(d / "checkpoints" / "best") for d in seed_dirs]
+    histories: list[list[dict]] = [[] for _ in seeds]
+    best_val_f1 = [-1.0] * len(seeds)
+    for seed_dir in seed_dirs:
+        (seed_dir / "metrics.jsonl").write_text("")
+
+    steps_per_epoch = math.ceil(train_data["image"].shape[0] / config.batch_size)
+    total_steps = config.num_epochs * steps_per_epoch
+    loss_sums = jnp.zeros(len(seeds), jnp.float32)
+    grad_norm_sums = jnp.zeros(len(seeds), jnp.float32)
+    progress = tqdm.tqdm(
+        total=total_steps,
+        desc=f"segment {config.data.modality} x {len(seeds)} seeds",
+        disable=not config.progress_bar,
+    )
+    start = time.time()
+    for step in range(1, total_steps + 1):
+        batches = [next(iterator) for iterator in iterators]
+        stacked = {key: np.stack([batch[key] for batch in batches]) for key in batches[0]}
+        states, step_metrics = train_fn(states, stacked)
+        loss_sums = loss_sums + step_metrics["loss"]
+        grad_norm_sums = grad_norm_sums + step_metrics["grad_norm"]
+        progress.update(1)
+        if step % steps_per_epoch:
+            continue
+        epoch = step // steps_per_epoch
+        epoch_losses = np.asarray(loss_sums) / steps_per_epoch
+        epoch_grad_norms = np.asarray(grad_norm_sums) / steps_per_epoch
+        for i, seed in enumerate(seeds):
+            state = jax.tree.map(lambda leaf, i=i: leaf[i], states)
+            eval_state = recalibrate_batch_stats(
+                stats_fn, state, train_data, config.batch_size, recalibration_batches, seed
+            )
+            val_metrics, _ = evaluate(eval_fn, eval_state, val_data, config.eval_batch_size)
+            row = {
+                "epoch": epoch,
+                "step": step,
+                "train_loss": float(epoch_losses[i]),
+                "train_grad_norm": float(epoch_grad_norms[i]),
+                **{f"val_{name}": value for name, value in val_metrics.items()},
+            }
+            histories[i].append(row)
+            with open(seed_dirs[i] / "metrics.jsonl", "a") as metrics_file:
+                metrics_file.write(json.dumps(row) + "\n")
+            if val_metrics["f1"] > best_val_f1[i]:
+                best_val_f1[i] = val_metrics["f1"]
+                _save(best_managers[i], eval_state, {"epoch": epoch, "val": val_metrics})
+        loss_sums = jnp.zeros_like(loss_sums)
+        grad_norm_sums = jnp.zeros_like(grad_norm_sums)
+        progress.set_postfix(val_f1=" ".join(f"{row[-1]['val_f1']:.2f}" for row in histories))
+    progress.close()
+    train_seconds = time.time() - start
+
+    template = jax.tree.map(lambda leaf: leaf[0], states)
+    per_seed = {}
+    for i, seed in enumerate(seeds):
+        results = _finish(
+            seed_configs[i], seed_dirs[i], template, best_managers[i], eval_fn, splits, counts,
+            total_steps, histories[i], train_seconds,
+        )
+        per_seed[str(seed)] = {key: results[key] for key in ("best_epoch", "val", "test")}
+    summary = {
+        "modality": config.data.modality,
+        "num_seeds": len(seeds),
+        "seeds": per_seed,
+        "train_wall_time_s": train_seconds,
+        "seed_workdirs": [d.name for d in seed_dirs],
+    }
+    (workdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    provenance.add(
+        workdir / "provenance.json", {"data": counts, "train_wall_time_s": train_seconds}
+    )
+    return summary

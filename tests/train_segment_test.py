@@ -16,7 +16,7 @@ from absl.testing import absltest
 
 from data_pipeline import index as index_lib
 from data_pipeline import loader
-from sarcoma_jax import baseline, input_pipeline, train_segment
+from sarcoma_jax import baseline, input_pipeline, report, train_segment
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # configs/ is imported as a package from the repo root.
@@ -197,6 +197,50 @@ class TrainSegmentTest(absltest.TestCase):
         other.optimizer.learning_rate = 0.5
         with self.assertRaisesRegex(input_pipeline.ConfigError, "another config"):
             train_segment.train_and_evaluate(other, self.full_dir)
+
+
+class NumSeedsTest(absltest.TestCase):
+    """config.num_seeds: seeds trained by one vmapped step, each equal to its single run."""
+
+    def test_each_seed_equals_its_single_run(self):
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix="num_seeds_test_"))
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+        write_tiny_index(tmp / "index")
+        config = tiny_config(tmp / "index")
+        config.seed, config.num_seeds = 3, 2
+        summary = train_segment.train_and_evaluate(config, tmp / "vmapped")
+        self.assertEqual(sorted(summary["seeds"]), ["3", "4"])
+        for seed in (3, 4):
+            single = train_segment.seed_config(config, seed)
+            self.assertEqual(single.num_seeds, 1)
+            expected = train_segment.train_and_evaluate(single, tmp / f"single_{seed}")
+            seed_dir = tmp / "vmapped" / f"seed_{seed}"
+            got = json.loads((seed_dir / "results.json").read_text())
+            self.assertEqual(got["seed"], seed)
+            self.assertEqual(got["best_epoch"], expected["best_epoch"])
+            for split in ("val", "test"):
+                for name, value in expected[split].items():
+                    # vmapped convolutions may sum in another order: equal up to float rounding.
+                    self.assertAlmostEqual(got[split][name], value, delta=1e-4 * max(1, abs(value)))
+            rows = [json.loads(line) for line in (seed_dir / "metrics.jsonl").open()]
+            single_rows = [
+                json.loads(line) for line in (tmp / f"single_{seed}" / "metrics.jsonl").open()
+            ]
+            for row, single_row in zip(rows, single_rows, strict=True):
+                np.testing.assert_allclose(row["train_loss"], single_row["train_loss"], rtol=1e-4)
+            self.assertTrue((seed_dir / "segmentation_examples.png").is_file())
+            self.assertEqual(json.loads((seed_dir / "config.json").read_text())["seed"], seed)
+        # The two seeds really differ (their own init and data order).
+        self.assertNotEqual(summary["seeds"]["3"]["val"], summary["seeds"]["4"]["val"])
+        # The report reads the seed runs when given the whole run.
+        runs, _ = report.load_runs([tmp / "vmapped"])
+        self.assertEqual(sorted(run.seed for run in runs), [3, 4])
+
+    def test_bad_num_seeds_is_a_config_error(self):
+        config = tiny_config(pathlib.Path("/nonexistent"))
+        config.num_seeds = 0
+        with self.assertRaisesRegex(input_pipeline.ConfigError, "num_seeds must be >= 1"):
+            train_segment.train_and_evaluate(config, "/tmp/never_written")
 
 
 class _OneBatchNorm(nn.Module):
