@@ -431,15 +431,8 @@ def train_and_evaluate(
     write_config(config, workdir)
     provenance.write(workdir / "provenance.json", provenance.collect(config, config.seed))
 
-    splits = input_pipeline.load_splits(records, config.data.image_size)
+    splits, counts = _load_splits(config, records)
     train_data, val_data = splits["train"], splits["val"]
-    counts = {
-        split: {
-            "slices": int(arrays["image"].shape[0]),
-            "patients": int(np.unique(arrays["patient_key"]).size),
-        }
-        for split, arrays in splits.items()
-    }
     logging.info("data (tumour slices / patients): %s", counts)
 
     model = create_model(config.model)
@@ -627,6 +620,19 @@ def _finish(
     return results
 
 
+def _load_splits(config: ml_collections.ConfigDict, records) -> tuple[dict, dict]:
+    """The preprocessed splits, and their slice and patient counts."""
+    splits = input_pipeline.load_splits(records, config.data.image_size)
+    counts = {
+        split: {
+            "slices": int(arrays["image"].shape[0]),
+            "patients": int(np.unique(arrays["patient_key"]).size),
+        }
+        for split, arrays in splits.items()
+    }
+    return splits, counts
+
+
 def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
     """The config of one seed of a `num_seeds` run: `seed` set, `num_seeds` 1."""
     single = config.copy_and_resolve_references()
@@ -661,15 +667,8 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         provenance.write(seed_dir / "provenance.json", provenance.collect(single, single.seed))
         shutil.rmtree(seed_dir / "checkpoints", ignore_errors=True)  # an interrupted attempt
 
-    splits = input_pipeline.load_splits(records, config.data.image_size)
+    splits, counts = _load_splits(config, records)
     train_data, val_data = splits["train"], splits["val"]
-    counts = {
-        split: {
-            "slices": int(arrays["image"].shape[0]),
-            "patients": int(np.unique(arrays["patient_key"]).size),
-        }
-        for split, arrays in splits.items()
-    }
     model = create_model(config.model)
     states = create_train_states(
         jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]),
