@@ -26,6 +26,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(path: str):
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))  # configs/ import `from configs import ...`
     spec = importlib.util.spec_from_file_location("bench_config", REPO_ROOT / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
