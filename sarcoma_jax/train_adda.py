@@ -595,7 +595,7 @@ def disc_step(
     return state, {
         "disc_loss": loss,
         "disc_cross_entropy": cross_entropy,
-        "disc_grad_norm": optax.global_norm(grads),
+        "disc_grad_norm": optax.tree.norm(grads),
     }
 
 
@@ -646,7 +646,7 @@ def target_step(
         target_opt_state=opt_state,
         target_steps=state.target_steps + 1,
     )
-    return state, {"target_loss": loss, "target_grad_norm": optax.global_norm(grads)}
+    return state, {"target_loss": loss, "target_grad_norm": optax.tree.norm(grads)}
 
 
 def run_disc_steps(
