@@ -423,16 +423,10 @@ def train_and_evaluate(
     workdir = pathlib.Path(workdir)
     if config.get("num_seeds", 1) > 1:
         return _train_seeds(config, workdir)
-    index = input_pipeline.open_index(config.data, progress=config.progress_bar)
-    records = input_pipeline.query_splits(
-        index, config.data.modality, tumour_only=config.data.tumour_only
-    )
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_config(config, workdir)
-    provenance.write(workdir / "provenance.json", provenance.collect(config, config.seed))
+    records = _open_run(config, workdir)
 
     splits, counts = _load_splits(config, records)
-    train_data, val_data = splits["train"], splits["val"]
+    train_data = splits["train"]
     logging.info("data (tumour slices / patients): %s", counts)
 
     model = create_model(config.model)
@@ -443,13 +437,7 @@ def train_and_evaluate(
         create_optimizer(config.optimizer),
     )
     train_fn = jax.jit(train_step, donate_argnums=0)
-    eval_fn = jax.jit(
-        functools.partial(eval_step, batch_stats_at_eval=config.model.eval_batch_stats)
-    )
-    stats_fn = jax.jit(
-        functools.partial(batch_stats_step, stats_apply_fn=model.clone(bn_momentum=0.0).apply)
-    )
-    recalibration_batches = 0 if config.model.eval_batch_stats else config.bn_recalibration_batches
+    eval_fn, stats_fn = _eval_functions(config, model)
 
     latest_manager = _checkpoint_manager(workdir / "checkpoints" / "latest")
     best_manager = _checkpoint_manager(workdir / "checkpoints" / "best")
@@ -494,25 +482,12 @@ def train_and_evaluate(
 
         if step % steps_per_epoch == 0:
             epoch = step // steps_per_epoch
-            eval_state = recalibrate_batch_stats(
-                stats_fn,
-                state,
-                train_data,
-                config.batch_size,
-                recalibration_batches,
-                config.seed,
+            eval_state, val_metrics, row = _validate_epoch(
+                config, eval_fn, stats_fn, state, splits, config.seed,
+                {"epoch": epoch, "step": step, "train_loss": float(loss_sum) / steps_per_epoch,
+                 "train_grad_norm": float(grad_norm_sum) / steps_per_epoch},
+                history, workdir / "metrics.jsonl",
             )
-            val_metrics, _ = evaluate(eval_fn, eval_state, val_data, config.eval_batch_size)
-            row = {
-                "epoch": epoch,
-                "step": step,
-                "train_loss": float(loss_sum) / steps_per_epoch,
-                "train_grad_norm": float(grad_norm_sum) / steps_per_epoch,
-                **{f"val_{name}": value for name, value in val_metrics.items()},
-            }
-            history.append(row)
-            with open(workdir / "metrics.jsonl", "a") as metrics_file:
-                metrics_file.write(json.dumps(row) + "\n")
             loss_sum = jnp.zeros((), jnp.float32)
             grad_norm_sum = jnp.zeros((), jnp.float32)
             val_f1_text = f"{val_metrics['f1']:.3f}"
@@ -550,6 +525,57 @@ def train_and_evaluate(
         train_seconds,
     )
     return results
+
+
+def _open_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list:
+    """Opens the data (one-line errors before anything is written), then starts the workdir:
+    config.json (refusing another config's workdir) and provenance.json. Returns the records."""
+    index = input_pipeline.open_index(config.data, progress=config.progress_bar)
+    records = input_pipeline.query_splits(
+        index, config.data.modality, tumour_only=config.data.tumour_only
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_config(config, workdir)
+    provenance.write(workdir / "provenance.json", provenance.collect(config, config.seed))
+    return records
+
+
+def _eval_functions(
+    config: ml_collections.ConfigDict, model: nn.Module
+) -> tuple[Callable, Callable]:
+    """The jit-compiled evaluation step and BatchNorm-statistics step of `model`."""
+    eval_fn = jax.jit(
+        functools.partial(eval_step, batch_stats_at_eval=config.model.eval_batch_stats)
+    )
+    stats_fn = jax.jit(
+        functools.partial(batch_stats_step, stats_apply_fn=model.clone(bn_momentum=0.0).apply)
+    )
+    return eval_fn, stats_fn
+
+
+def _validate_epoch(
+    config: ml_collections.ConfigDict,
+    eval_fn: Callable,
+    stats_fn: Callable,
+    state: TrainState,
+    splits: Mapping[str, Mapping[str, np.ndarray]],
+    seed: int,
+    train_row: Mapping[str, Any],
+    history: list[dict],
+    metrics_path: pathlib.Path,
+) -> tuple[TrainState, dict[str, float], dict]:
+    """End of an epoch: re-estimates BatchNorm, scores val, appends the row to history and to
+    metrics.jsonl. Returns the evaluated state, the val metrics and the row."""
+    recalibration_batches = 0 if config.model.eval_batch_stats else config.bn_recalibration_batches
+    eval_state = recalibrate_batch_stats(
+        stats_fn, state, splits["train"], config.batch_size, recalibration_batches, seed
+    )
+    val_metrics, _ = evaluate(eval_fn, eval_state, splits["val"], config.eval_batch_size)
+    row = {**train_row, **{f"val_{name}": value for name, value in val_metrics.items()}}
+    history.append(row)
+    with open(metrics_path, "a") as metrics_file:
+        metrics_file.write(json.dumps(row) + "\n")
+    return eval_state, val_metrics, row
 
 
 def _finish(
@@ -652,13 +678,7 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     (only single-seed runs keep a resumable checkpoint).
     """
     seeds = [config.seed + i for i in range(config.num_seeds)]
-    index = input_pipeline.open_index(config.data, progress=config.progress_bar)
-    records = input_pipeline.query_splits(
-        index, config.data.modality, tumour_only=config.data.tumour_only
-    )
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_config(config, workdir)
-    provenance.write(workdir / "provenance.json", provenance.collect(config, config.seed))
+    records = _open_run(config, workdir)
     seed_configs = [seed_config(config, seed) for seed in seeds]
     seed_dirs = [workdir / f"seed_{seed}" for seed in seeds]
     for single, seed_dir in zip(seed_configs, seed_dirs, strict=True):
@@ -668,7 +688,7 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         shutil.rmtree(seed_dir / "checkpoints", ignore_errors=True)  # an interrupted attempt
 
     splits, counts = _load_splits(config, records)
-    train_data, val_data = splits["train"], splits["val"]
+    train_data = splits["train"]
     model = create_model(config.model)
     states = create_train_states(
         jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]),
@@ -677,19 +697,13 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         create_optimizer(config.optimizer),
     )
     train_fn = jax.jit(jax.vmap(train_step), donate_argnums=0)
-    eval_fn = jax.jit(
-        functools.partial(eval_step, batch_stats_at_eval=config.model.eval_batch_stats)
-    )
-    stats_fn = jax.jit(
-        functools.partial(batch_stats_step, stats_apply_fn=model.clone(bn_momentum=0.0).apply)
-    )
-    recalibration_batches = 0 if config.model.eval_batch_stats else config.bn_recalibration_batches
+    eval_fn, stats_fn = _eval_functions(config, model)
     iterators = [loader.train_batches(train_data, config.batch_size, seed=seed) for seed in seeds]
     best_managers = [_checkpoint_manager(d / "checkpoints" / "best") for d in seed_dirs]
     histories: list[list[dict]] = [[] for _ in seeds]
     best_val_f1 = [-1.0] * len(seeds)
     for seed_dir in seed_dirs:
-        (seed_dir / "metrics.jsonl").write_text("")
+        _write_metrics_jsonl(seed_dir / "metrics.jsonl", [])
 
     steps_per_epoch = math.ceil(train_data["image"].shape[0] / config.batch_size)
     total_steps = config.num_epochs * steps_per_epoch
@@ -715,20 +729,12 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         epoch_grad_norms = np.asarray(grad_norm_sums) / steps_per_epoch
         for i, seed in enumerate(seeds):
             state = jax.tree.map(lambda leaf, i=i: leaf[i], states)
-            eval_state = recalibrate_batch_stats(
-                stats_fn, state, train_data, config.batch_size, recalibration_batches, seed
+            eval_state, val_metrics, _ = _validate_epoch(
+                config, eval_fn, stats_fn, state, splits, seed,
+                {"epoch": epoch, "step": step, "train_loss": float(epoch_losses[i]),
+                 "train_grad_norm": float(epoch_grad_norms[i])},
+                histories[i], seed_dirs[i] / "metrics.jsonl",
             )
-            val_metrics, _ = evaluate(eval_fn, eval_state, val_data, config.eval_batch_size)
-            row = {
-                "epoch": epoch,
-                "step": step,
-                "train_loss": float(epoch_losses[i]),
-                "train_grad_norm": float(epoch_grad_norms[i]),
-                **{f"val_{name}": value for name, value in val_metrics.items()},
-            }
-            histories[i].append(row)
-            with open(seed_dirs[i] / "metrics.jsonl", "a") as metrics_file:
-                metrics_file.write(json.dumps(row) + "\n")
             if val_metrics["f1"] > best_val_f1[i]:
                 best_val_f1[i] = val_metrics["f1"]
                 _save(best_managers[i], eval_state, {"epoch": epoch, "val": val_metrics})
