@@ -116,6 +116,9 @@ def get_config(
     config.discriminator.input_dropout = 0.3
     config.discriminator.leaky_relu_slope = 0.3
     config.discriminator.num_classes = 2
+    # 'batch': the reference BatchNorms; 'none': none, so recall and specificity are per-sample
+    # verdicts (with 'batch' they collapse to 0 or 1; models.LogitMapDiscriminator, README).
+    config.discriminator.norm = "batch"
     config.discriminator_l2 = 1e-3  # times the sum of squared kernels
     config.discriminator_eval_bn = "batch"  # 'batch' (agrees with training) | 'running'
     config.target_map_train_mode = False  # False: the target map's BN keeps the source averages

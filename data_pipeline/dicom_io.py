@@ -275,8 +275,9 @@ _KEYWORD_TAGS = {
 }
 _KEYWORD_TAGS["SpecificCharacterSet"] = 0x00080005
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
 _SCAN_SYNTAXES = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # uid -> explicit VR
 _ENCAPSULATED_PREFIX = "1.2.840.10008.1.2.4."  # JPEG family: explicit VR LE dataset
 _UNDEFINED = 0xFFFFFFFF
@@ -284,11 +285,15 @@ _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _FIRST_READ = 1 << 16
 
 
-class _NeedMore(Exception):
+class ScanError(Exception):
+    """The scanner cannot read this; pydicom can say why, or read it."""
+
+
+class _NeedMore(ScanError):
     """The scan ran past the bytes read so far."""
 
 
-class _Unexpected(Exception):
+class _Unexpected(ScanError):
     """Something the scanner leaves to pydicom."""
 
 
@@ -341,7 +346,8 @@ def _scan_elements(buffer: bytes, pos: int, explicit: bool) -> dict:
         vr_text = vr.decode("ascii") if vr is not None else None
         if tag in _PIXEL_TAGS:  # left unread: only its length and offset are needed
             elements[tag] = pydicom.dataelem.RawDataElement(
-                pydicom.tag.Tag(tag), vr_text, length, None, value_pos, not explicit, True)
+                pydicom.tag.Tag(tag), vr_text, length, None, value_pos, not explicit, True
+            )
             if tag == 0x7FE00010:
                 return elements
             if length == _UNDEFINED:
@@ -358,13 +364,20 @@ def _scan_elements(buffer: bytes, pos: int, explicit: bool) -> dict:
                 raise _NeedMore
         if tag in _SCAN_TAGS:
             elements[tag] = pydicom.dataelem.RawDataElement(
-                pydicom.tag.Tag(tag), vr_text, length, buffer[value_pos:value_end], value_pos,
-                not explicit, True)
+                pydicom.tag.Tag(tag),
+                vr_text,
+                length,
+                buffer[value_pos:value_end],
+                value_pos,
+                not explicit,
+                True,
+            )
         pos = end
     return elements
 
 
-def _scan(buffer: bytes) -> _ScannedHeader:
+def _dataset_start(buffer: bytes) -> tuple[int, str, bool]:
+    """(offset of the dataset after the file meta, transfer syntax UID, explicit VR?)."""
     if len(buffer) < 132 or buffer[128:132] != b"DICM":
         raise _Unexpected
     pos, syntax = 132, None
@@ -388,7 +401,90 @@ def _scan(buffer: bytes) -> _ScannedHeader:
         explicit = True
     else:
         raise _Unexpected
+    return pos, syntax, explicit
+
+
+def _scan(buffer: bytes) -> _ScannedHeader:
+    pos, syntax, explicit = _dataset_start(buffer)
     return _ScannedHeader(_scan_elements(buffer, pos, explicit), syntax)
+
+
+def _value_span(buffer: bytes, vr: bytes | None, length: int, value_pos: int, explicit: bool):
+    """(value start, value end, offset after the element) of an element's value."""
+    if length != _UNDEFINED:
+        end = value_pos + length
+        if end > len(buffer):
+            raise _NeedMore
+        return value_pos, end, end
+    end = _skip_undefined(buffer, value_pos, explicit and vr != b"UN")
+    return value_pos, end - 8, end
+
+
+def scan_elements(buffer: bytes, start: int, end: int, explicit: bool) -> dict[int, tuple]:
+    """The elements of one dataset (or item) in buffer[start:end]: tag -> (value start, value end).
+
+    The walk of _scan_elements for data inside sequences, with no conversion: the caller knows
+    each tag's VR. Raises _Unexpected or _NeedMore on anything malformed.
+    """
+    elements, pos = {}, start
+    while pos < end:
+        tag, vr, length, value_pos = _element_at(buffer, pos, explicit)
+        if tag >> 16 == 0xFFFE:
+            raise _Unexpected
+        value_start, value_end, pos = _value_span(buffer, vr, length, value_pos, explicit)
+        elements[tag] = (value_start, value_end)
+    if pos != end:
+        raise _Unexpected
+    return elements
+
+
+def scan_items(buffer: bytes, start: int, end: int, explicit: bool) -> list[tuple[int, int]]:
+    """The (start, end) of each item of a sequence whose value is buffer[start:end]."""
+    items, pos = [], start
+    while pos < end:
+        tag, _, length, pos = _element_at(buffer, pos, explicit)
+        if tag != _ITEM:
+            raise _Unexpected
+        if length == _UNDEFINED:  # its elements up to the item delimiter
+            item_start = pos
+            while True:
+                tag, vr, length, value_pos = _element_at(buffer, pos, explicit)
+                if tag == _ITEM_END:
+                    items.append((item_start, pos))
+                    pos = value_pos
+                    break
+                pos = _value_span(buffer, vr, length, value_pos, explicit)[2]
+        else:
+            if pos + length > end:
+                raise _Unexpected
+            items.append((pos, pos + length))
+            pos += length
+    return items
+
+
+def scan_dataset(path: str) -> tuple[bytes, dict[int, tuple], bool] | None:
+    """A whole file's bytes, its top-level elements and whether its VR is explicit; None where the
+    scanner leaves the file to pydicom.
+
+    The elements map tag -> (element start, value start, value end, element end) offsets.
+    """
+    try:
+        with open(path, "rb") as file:
+            buffer = file.read()
+        pos, syntax, explicit = _dataset_start(buffer)
+        if syntax not in _SCAN_SYNTAXES:  # encapsulated pixel data: not an RTSTRUCT
+            return None
+        elements = {}
+        while pos < len(buffer):
+            tag, vr, length, value_pos = _element_at(buffer, pos, explicit)
+            if tag >> 16 == 0xFFFE:
+                raise _Unexpected
+            value_start, value_end, end = _value_span(buffer, vr, length, value_pos, explicit)
+            elements[tag] = (pos, value_start, value_end, end)
+            pos = end
+        return buffer, elements, explicit
+    except (ScanError, struct.error, OSError):
+        return None
 
 
 class _ScannedHeader:
@@ -451,7 +547,8 @@ class _ScannedHeader:
 def _converted_sequence(value: bytes, implicit: bool, encoding) -> pydicom.sequence.Sequence:
     """A sequence's raw bytes converted by pydicom (memoised: callers only read the result)."""
     raw = pydicom.dataelem.RawDataElement(
-        pydicom.tag.Tag(0), "SQ", len(value), value, 0, implicit, True)
+        pydicom.tag.Tag(0), "SQ", len(value), value, 0, implicit, True
+    )
     encoding = list(encoding) if isinstance(encoding, tuple) else encoding
     return pydicom.dataelem.convert_raw_data_element(raw, encoding=encoding).value
 

@@ -46,7 +46,9 @@ class ZeroInsertUpsampling(nn.Module):
 
 
 def _batch_norm(
-    use_running_average: bool, momentum: float = BN_MOMENTUM, name: str | None = None,
+    use_running_average: bool,
+    momentum: float = BN_MOMENTUM,
+    name: str | None = None,
     dtype: Any = None,
 ) -> nn.BatchNorm:
     # Flax computes the statistics in at least float32 whatever `dtype` (the output's) is.
@@ -172,6 +174,9 @@ class UNet(nn.Module):
         return self._conv(1, (3, 3), "head_conv1")(x).astype(jnp.float32)
 
 
+DISCRIMINATOR_NORMS = ("batch", "none")
+
+
 class LogitMapDiscriminator(nn.Module):
     """The reference ADDA discriminator (SPEC §3, thesis §14.3) on a segmenter's logit map.
 
@@ -189,6 +194,17 @@ class LogitMapDiscriminator(nn.Module):
       leaky_relu_slope: negative slope of LeakyReLU (Keras' default 0.3).
       num_classes: output logits (index 1 = source, 0 = target in the ADDA convention).
       bn_momentum: BatchNorm running-average momentum (see UNet).
+      norm: 'batch' (the reference: BatchNorm after the input and after every block and the last
+        conv) or 'none' (no normalisation; each sample's logits depend on that sample only).
+
+    A caveat of the reference layout (README, "Hypothesis II"). Its last BatchNorm normalises the
+    last conv's output over the batch, and at training and at `discriminator_eval_bn='batch'`
+    evaluation that batch is half source, half target. Whenever the two halves differ at all on
+    that output, however slightly, normalisation stretches the difference to about +-1 standard
+    deviation, so the argmax splits the batch along the domains: all right (recall = specificity
+    = 1) or all wrong (both 0), while the cross-entropy can sit near log 2. Its recall and
+    specificity then say which side of the batch mean each domain is on, not how confused the
+    discriminator is. `norm='none'` removes that coupling (tests/models_test.py shows both).
     """
 
     blocks: Sequence[Sequence[int]] = ((2, 4), (4, 2), (1, 1))
@@ -198,6 +214,7 @@ class LogitMapDiscriminator(nn.Module):
     leaky_relu_slope: float = 0.3
     num_classes: int = 2
     bn_momentum: float = BN_MOMENTUM
+    norm: str = "batch"
 
     @nn.compact
     def __call__(
@@ -215,19 +232,29 @@ class LogitMapDiscriminator(nn.Module):
         Returns:
           Logits (batch, num_classes).
         """
+        if self.norm not in DISCRIMINATOR_NORMS:
+            raise ValueError(
+                f"discriminator norm {self.norm!r}; use one of {', '.join(DISCRIMINATOR_NORMS)}"
+            )
         if use_running_average is None:
             use_running_average = not train
+
+        def normalise(x):
+            if self.norm == "batch":
+                return _batch_norm(use_running_average, self.bn_momentum)(x)
+            return x
+
         x = nn.Dropout(self.input_dropout, deterministic=not train)(logit_map)
-        x = _batch_norm(use_running_average, self.bn_momentum)(x)
+        x = normalise(x)
         for block in self.blocks:
             for features in block:
                 x = nn.Conv(int(features), (2, 2), strides=(2, 2), padding="SAME")(x)
             x = nn.leaky_relu(x, negative_slope=self.leaky_relu_slope)
-            x = _batch_norm(use_running_average, self.bn_momentum)(x)
+            x = normalise(x)
         x = nn.Conv(self.final_features, (2, 2), strides=tuple(self.final_strides), padding="SAME")(
             x
         )
-        x = _batch_norm(use_running_average, self.bn_momentum)(x)
+        x = normalise(x)
         x = x.reshape((x.shape[0], -1))
         if x.shape[-1] != self.num_classes:
             x = nn.Dense(self.num_classes)(x)

@@ -955,6 +955,12 @@ def validate_config(config: ml_collections.ConfigDict, task: Task) -> None:
                 f"config.{name}.name {config[name].name!r} is unknown; "
                 f"use one of {', '.join(sorted(models.MODELS))}"
             )
+    norm = config.discriminator.get("norm", "batch")
+    if norm not in models.DISCRIMINATOR_NORMS:
+        raise ConfigError(
+            f"config.discriminator.norm {norm!r}; use one of "
+            f"{', '.join(models.DISCRIMINATOR_NORMS)}"
+        )
     if jax.process_count() > 1:
         raise ConfigError("ADDA runs on the devices of one host; multi-host is not supported yet")
     num_devices = len(mesh_devices(config))

@@ -1,7 +1,9 @@
 """Tests for DICOM series loading, units, ordering, MR classification and RTSTRUCT masks."""
 
+import contextlib
 import dataclasses
 import datetime
+import functools
 import glob
 import math
 import os
@@ -9,6 +11,7 @@ import pathlib
 import shutil
 import tempfile
 import warnings
+from unittest import mock
 
 import numpy as np
 import pydicom
@@ -300,23 +303,24 @@ if __name__ == "__main__":
     absltest.main()
 
 
-def _header_by_pydicom(path):
-    """read_header through pydicom's own reader, as before the scanner existed."""
-    scan = dicom_io._scan_header
-    dicom_io._scan_header = lambda _: None
-    try:
-        return dicom_io.read_header(path)
-    except dicom_io.InputProblem as problem:
-        return str(problem)
-    finally:
-        dicom_io._scan_header = scan
+def _read(read, path, disable=None):
+    """read(path), or the InputProblem's text; `disable` (module, name) switches that scanner
+    off, so that pydicom's reader does all the reading, as before the scanner existed."""
+    with mock.patch.object(*disable, lambda _: None) if disable else contextlib.nullcontext():
+        try:
+            return read(path)
+        except dicom_io.InputProblem as problem:
+            return str(problem)
 
 
-def _header(path):
-    try:
-        return dicom_io.read_header(path)
-    except dicom_io.InputProblem as problem:
-        return str(problem)
+_header = functools.partial(_read, dicom_io.read_header)
+_header_by_pydicom = functools.partial(
+    _read, dicom_io.read_header, disable=(dicom_io, "_scan_header")
+)
+_structure = functools.partial(_read, rtstruct.read_rtstruct)
+_structure_by_pydicom = functools.partial(
+    _read, rtstruct.read_rtstruct, disable=(rtstruct, "_scan_rtstruct")
+)
 
 
 class HeaderScanTest(absltest.TestCase):
@@ -327,12 +331,15 @@ class HeaderScanTest(absltest.TestCase):
         for path in files:
             expected, got = _header_by_pydicom(path), _header(path)
             scanned += dicom_io._scan_header(path) is not None
-            if isinstance(expected, dicom_io.Header) and expected.pixel_offset is None and (
-                isinstance(got, dicom_io.Header) and got.pixel_offset is not None
+            if (
+                isinstance(expected, dicom_io.Header)
+                and expected.pixel_offset is None
+                and (isinstance(got, dicom_io.Header) and got.pixel_offset is not None)
             ):
                 # Small pixel data pydicom reads eagerly: the scanner locates it in the file.
                 np.testing.assert_array_equal(
-                    dicom_io._physical_values(got), dicom_io._physical_values(expected), path)
+                    dicom_io._physical_values(got), dicom_io._physical_values(expected), path
+                )
                 got = dataclasses.replace(got, pixel_offset=None, pixel_dtype=None)
             self.assertEqual(got, expected, path)
         return scanned
@@ -375,9 +382,14 @@ class HeaderScanTest(absltest.TestCase):
         self.addCleanup(shutil.rmtree, folder)
         path = os.path.join(folder, "pt.dcm")
         write_image(
-            path, modality="PT", pixels=np.arange(12, dtype=np.uint16).reshape(3, 4),
-            position=(0, 0, 5), orientation=(1, 0, 0, 0, 1, 0), spacing=(2, 2),
-            series_uid="1.2.9", frame_uid="1.2.10",
+            path,
+            modality="PT",
+            pixels=np.arange(12, dtype=np.uint16).reshape(3, 4),
+            position=(0, 0, 5),
+            orientation=(1, 0, 0, 0, 1, 0),
+            spacing=(2, 2),
+            series_uid="1.2.9",
+            frame_uid="1.2.10",
         )
         ds = pydicom.dcmread(path)
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
@@ -400,3 +412,87 @@ class HeaderScanTest(absltest.TestCase):
         self.assertEqual(header.units, "SUV")
         decay = math.exp(-math.log(2) * 3600 / 6586.2)
         self.assertAlmostEqual(header.units_factor, 70e3 / (3.7e8 * decay))
+
+
+class RtstructScanTest(absltest.TestCase):
+    """The RTSTRUCT contour scanner against pydicom's reader: equal structure sets."""
+
+    def assert_same_structures(self, paths):
+        scanned = 0
+        for path in paths:
+            expected, got = _structure_by_pydicom(path), _structure(path)
+            scanned += rtstruct._scan_rtstruct(path) is not None
+            if isinstance(expected, str):
+                self.assertEqual(got, expected, path)
+                continue
+            for field in (
+                "path",
+                "patient_id",
+                "frame_of_reference_uids",
+                "referenced_series_uids",
+                "description",
+            ):
+                self.assertEqual(getattr(got, field), getattr(expected, field), (path, field))
+            self.assertEqual(list(got.rois), list(expected.rois), path)
+            for name, contours in expected.rois.items():
+                self.assertLen(got.rois[name], len(contours))
+                for ours, theirs in zip(got.rois[name], contours, strict=True):
+                    np.testing.assert_array_equal(ours.points_mm, theirs.points_mm)
+                    self.assertEqual(ours.referenced_sop_uids, theirs.referenced_sop_uids)
+        return scanned
+
+    def _phantom_rtstructs(self):
+        from data_pipeline import phantom
+
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        phantom.write_phantom(folder, 2, seed=5, progress=False)
+        paths = [
+            str(p)
+            for p in pathlib.Path(folder).rglob("*.dcm")
+            if dicom_io.read_header(str(p)).modality == "RTSTRUCT"
+        ]
+        self.assertNotEmpty(paths)
+        return folder, paths
+
+    def test_phantom_and_its_variants(self):
+        folder, paths = self._phantom_rtstructs()
+        self.assertEqual(self.assert_same_structures(paths), len(paths))
+        # The same structure set in implicit VR, with sequences of defined length, and with a
+        # contour that is not closed planar; then cut short, and as big endian (pydicom's).
+        ds = pydicom.dcmread(paths[0])
+        ds.ROIContourSequence[0].ContourSequence[0].ContourGeometricType = "OPEN_PLANAR"
+        variants = []
+        for name, implicit in (("implicit.dcm", True), ("explicit.dcm", False)):
+            variant = os.path.join(folder, name)
+            for element in ds.iterall():
+                if element.VR == "SQ":
+                    element.is_undefined_length = implicit
+            ds.file_meta.TransferSyntaxUID = (
+                pydicom.uid.ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+            )
+            ds.save_as(variant, enforce_file_format=True)
+            variants.append(variant)
+        truncated = os.path.join(folder, "truncated.dcm")
+        data = pathlib.Path(paths[0]).read_bytes()
+        pathlib.Path(truncated).write_bytes(data[: len(data) // 2])
+        big_endian = os.path.join(folder, "big_endian.dcm")
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom deprecates writing big endian
+            pydicom.filewriter.dcmwrite(
+                big_endian, ds, implicit_vr=False, little_endian=False, force_encoding=True
+            )
+        self.assertEqual(self.assert_same_structures(variants), 2)
+        self.assertEqual(self.assert_same_structures([truncated, big_endian]), 0)
+        open_planar = _structure(variants[0])
+        first_roi = next(iter(open_planar.rois))
+        self.assertLen(open_planar.rois[first_roi], len(_structure(paths[0]).rois[first_roi]) - 1)
+        self.assertRegex(_structure(truncated), "unreadable (DICOM|RTSTRUCT)")
+
+    def test_real_data(self):
+        if not STS_IBSI.is_dir():
+            self.skipTest(f"{STS_IBSI} is absent")
+        paths = sorted(str(p) for p in (STS_IBSI / "dicom").rglob("mask/*.dcm"))
+        self.assertLen(paths, 39)
+        self.assertEqual(self.assert_same_structures(paths), 39)

@@ -141,7 +141,6 @@ class UNetTest(parameterized.TestCase):
 
 
 class MixedPrecisionTest(parameterized.TestCase):
-
     @parameterized.parameters("zero_insert", "transpose", "nearest")
     def test_bfloat16_compute_keeps_float32_params_and_logits(self, upsampling):
         images = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 1))
@@ -169,9 +168,10 @@ class MixedPrecisionTest(parameterized.TestCase):
         grads_mixed = jax.grad(loss)(variables["params"], mixed)
         for g_mixed in jax.tree.leaves(grads_mixed):
             self.assertEqual(g_mixed.dtype, jnp.float32)
-        cosine = sum(jnp.vdot(a, b) for a, b in zip(
-            jax.tree.leaves(grads_full), jax.tree.leaves(grads_mixed), strict=True)) / (
-            optax_norm(grads_full) * optax_norm(grads_mixed))
+        cosine = sum(
+            jnp.vdot(a, b)
+            for a, b in zip(jax.tree.leaves(grads_full), jax.tree.leaves(grads_mixed), strict=True)
+        ) / (optax_norm(grads_full) * optax_norm(grads_mixed))
         # Not ~1: backpropagating through BatchNorm subtracts nearly equal bfloat16 numbers (the
         # one-channel head_bn above all), so the deeper layers' gradients agree to a cosine of
         # 0.85-0.95 at initialisation (measured); what that costs in F1 is in the README.
@@ -180,7 +180,8 @@ class MixedPrecisionTest(parameterized.TestCase):
     def test_unknown_compute_dtype_is_a_clear_error(self):
         with self.assertRaisesRegex(ValueError, "compute_dtype 'float16'"):
             models.UNet(compute_dtype="float16").init(
-                jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)), train=False)
+                jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)), train=False
+            )
 
 
 def optax_norm(tree) -> jax.Array:
@@ -268,6 +269,39 @@ class LogitMapDiscriminatorTest(parameterized.TestCase):
         no_dropout = models.LogitMapDiscriminator(input_dropout=0.0)
         train_no_dropout, _ = no_dropout.apply(variables, x, train=True, mutable=["batch_stats"])
         np.testing.assert_allclose(batch_mode, train_no_dropout, rtol=1e-6)
+
+    def test_batch_norm_makes_verdicts_all_or_nothing_on_mixed_batches(self):
+        # The caveat in LogitMapDiscriminator's docstring: on a 5 + 5 batch whose halves differ by
+        # an offset, batch-statistics BN splits the verdicts along the halves (recall and
+        # specificity both 0 or both 1) whether the offset is large or a thousand times smaller;
+        # without BN a tiny offset leaves both halves with the same verdict, as it should.
+        noise = 1e-5 * jax.random.normal(jax.random.PRNGKey(5), (10, 32, 32, 1))
+        halves = jnp.concatenate([jnp.ones((5, 1, 1, 1)), -jnp.ones((5, 1, 1, 1))])
+
+        def verdicts(model, offset):
+            x = 1.0 + noise + offset * halves
+            variables = _init(model, jax.random.PRNGKey(0), x)
+            logits, _ = model.apply(
+                variables, x, train=False, use_running_average=False, mutable=["batch_stats"]
+            )
+            return np.asarray(jnp.argmax(logits, -1))
+
+        batch_model = models.LogitMapDiscriminator(input_dropout=0.0)
+        for offset in (1.0, 1e-3):
+            split = verdicts(batch_model, offset)
+            self.assertLen(set(split[:5]), 1, offset)
+            self.assertLen(set(split[5:]), 1, offset)
+            self.assertNotEqual(split[0], split[5], offset)
+
+        plain = models.LogitMapDiscriminator(input_dropout=0.0, norm="none")
+        self.assertLen(set(verdicts(plain, 1e-3)), 1)
+        variables = _init(plain, jax.random.PRNGKey(0), noise)
+        self.assertNotIn("batch_stats", variables)
+        alone = plain.apply(variables, noise[:1], train=False)
+        together = plain.apply(variables, noise, train=False)[:1]
+        np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
+        with self.assertRaisesRegex(ValueError, "discriminator norm 'group'"):
+            _init(models.LogitMapDiscriminator(norm="group"), jax.random.PRNGKey(0), noise)
 
 
 class DigitsModelsTest(absltest.TestCase):

@@ -3,6 +3,7 @@
 import functools
 import importlib
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -285,6 +286,19 @@ class ToyGameTest(absltest.TestCase):
             final_target_params(workdir),
             final_target_params(self.reference_dir),
         )
+
+    def test_discriminator_without_normalisation(self):
+        # norm='none' (models.LogitMapDiscriminator): no batch statistics anywhere; the game runs,
+        # checkpoints and evaluates as with the reference discriminator.
+        workdir = pathlib.Path(self.tmp.name) / "no_norm"
+        results = run_toy(workdir, **{"discriminator.norm": "none"})
+        rows = read_rows(workdir)
+        self.assertLen(rows, len(self.reference_rows))
+        for row in rows:
+            self.assertTrue(0.0 <= row["recall"] <= 1.0 and 0.0 <= row["specificity"] <= 1.0)
+            self.assertTrue(math.isfinite(row["disc_loss"]))
+        self.assertNotEqual(rows, self.reference_rows)
+        self.assertIn("latest", results["criteria"])
 
     def test_reset_scheme_resets_and_differs(self):
         workdir = pathlib.Path(self.tmp.name) / "reset"
@@ -667,6 +681,7 @@ class ConfigTest(parameterized.TestCase):
         ("missing_checkpoint", {"source_checkpoint": "/no/such/run"}, "not found: /no/such/run"),
         ("too_many_devices", {"num_devices": 1000}, "num_devices 1000"),
         ("reset_when", {"reset.target.when": "sometimes"}, "reset.target.when"),
+        ("disc_norm", {"discriminator.norm": "group"}, "discriminator.norm 'group'"),
     )
     def test_bad_config_fails_before_compute(self, overrides, message):
         config = adda_ct_pt.get_config("smoke")
