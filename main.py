@@ -6,6 +6,7 @@ The config's `experiment` field picks the training function; `--config.x.y=value
 
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -32,6 +33,29 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: bad --config override (no such field, or a wrong type): {error}")
 
 
+def initialize_distributed(config) -> None:
+    """Joins a multi-host run when `config.distributed.coordinator_address` is set.
+
+    'host:port' with `num_processes` and `process_id` (every host runs the same command with its
+    own id), or 'auto' for what jax.distributed.initialize detects by itself (SLURM, Open MPI,
+    TPU pods, Kubernetes). Must run before anything touches a device.
+    """
+    distributed = config.get("distributed")
+    address = distributed.get("coordinator_address") if distributed else None
+    if not address:
+        return
+    # CPU hosts exchange over Gloo (GPUs use NCCL whatever this says).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if address == "auto":
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=distributed.num_processes,
+            process_id=distributed.process_id,
+        )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -46,6 +70,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     logging.info("config:\n%s", config)
     try:
+        initialize_distributed(config)
         EXPERIMENTS[experiment](config, FLAGS.workdir)
     except input_pipeline.USER_ERRORS as error:
         sys.exit(f"error: {error}")

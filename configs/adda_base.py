@@ -147,6 +147,15 @@ def get_config(
     # CPU, where convolution gradients inside a loop are 7x slower (benchmarks/README.md).
     config.fused_cycles = config_dict.placeholder(bool)
     config.num_devices = 0  # data parallel over the first n local devices; 0 = all
+    # Several hosts (main.initialize_distributed): 'host:port' of process 0 with num_processes
+    # and this host's process_id, or 'auto'; the batch is split over every device of every host.
+    config.distributed = ml_collections.ConfigDict(
+        {
+            "coordinator_address": config_dict.placeholder(str),
+            "num_processes": config_dict.placeholder(int),
+            "process_id": config_dict.placeholder(int),
+        }
+    )
     config.checkpoint_every_cycles = 1
     config.progress_bar = source_config.get_ref("progress_bar")  # shared with config.source
 

@@ -73,6 +73,13 @@ def get_config(arg: str | None = None, dataset: str = "svhn_mnist") -> ml_collec
 
     config.fused_cycles = config_dict.placeholder(bool)  # None: fused except on CPU
     config.num_devices = 0  # 0 = all local devices
+    config.distributed = ml_collections.ConfigDict(  # several hosts: see configs/adda_base.py
+        {
+            "coordinator_address": config_dict.placeholder(str),
+            "num_processes": config_dict.placeholder(int),
+            "process_id": config_dict.placeholder(int),
+        }
+    )
     config.checkpoint_every_cycles = 100  # cycles are short here
     config.progress_bar = True
 

@@ -710,6 +710,11 @@ class DigitsTask:
                 )
         if config.source_checkpoint:
             _source_run_dir(config.source_checkpoint)
+        elif jax.process_count() > 1:
+            raise input_pipeline.ConfigError(
+                "a multi-host run needs config.source_checkpoint: train the source map first "
+                "(on one host), then pass its workdir"
+            )
 
     def load_data(self, config: ml_collections.ConfigDict) -> train_adda.DomainData:
         source, target = load_pair(config.data)

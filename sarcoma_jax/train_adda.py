@@ -63,8 +63,11 @@ k_d and k_t batches, the state donated); `fused_cycles=False` runs one call per 
 numbers, and is what `fused_cycles=None` (the default) picks on CPU, where XLA runs convolution
 gradients inside a loop 7x slower (jax#12868; benchmarks/README.md). Batches are sharded over a
 1-D `jax.sharding.Mesh` of the local devices (axis 'batch', parameters replicated; `num_devices`,
-0 = all), so BatchNorm statistics and losses are over the global batch. The whole game state is
-one pytree (`GameState`) so it can be vmapped over seeds.
+0 = all), so BatchNorm statistics and losses are over the global batch. Several hosts
+(`config.distributed`, main.initialize_distributed): the mesh spans every device of every host;
+each host loads the same data and draws the same batches, and hands its own devices their part
+(`_put`); only the first host writes files (checkpoints are saved by all, as orbax requires).
+The whole game state is one pytree (`GameState`) so it can be vmapped over seeds.
 
 Outputs in workdir:
   config.json, provenance.json     what ran
@@ -108,6 +111,7 @@ import scipy.special
 import tqdm
 from absl import logging
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -121,7 +125,7 @@ DISCRIMINATOR_EVAL_BN = ("batch", "running")
 SPLITS = ("train", "val", "test")
 BATCH_AXIS = "batch"
 # Config fields that do not change results; a resumed run may differ from the original in these.
-COSMETIC_CONFIG_KEYS = ("progress_bar",)
+COSMETIC_CONFIG_KEYS = ("progress_bar", "distributed")  # no effect on the numbers
 
 ConfigError = input_pipeline.ConfigError
 
@@ -269,6 +273,11 @@ class SegmentationTask:
                     f"segmentation run, but the source modality is {source}"
                 )
         else:
+            if jax.process_count() > 1:
+                raise ConfigError(
+                    "a multi-host run needs config.source_checkpoint: train the source segmenter "
+                    "first (on one host), then pass its workdir"
+                )
             train_segment.validate_config(config.source)
 
     def load_data(self, config: ml_collections.ConfigDict) -> DomainData:
@@ -796,7 +805,15 @@ def update_criteria(
 
 
 def mesh_devices(config: ml_collections.ConfigDict) -> list:
-    """The devices the run uses: the first `config.num_devices` local devices (0: all)."""
+    """The devices the run uses: the first `config.num_devices` local devices (0: all); in a
+    multi-host run (`config.distributed`), every device of every host."""
+    if jax.process_count() > 1:
+        if config.num_devices and config.num_devices != jax.device_count():
+            raise ConfigError(
+                f"config.num_devices {config.num_devices}: a multi-host run uses all "
+                f"{jax.device_count()} devices of its {jax.process_count()} hosts (set 0)"
+            )
+        return jax.devices()
     devices = jax.local_devices()
     if config.num_devices:
         if config.num_devices > len(devices):
@@ -805,6 +822,40 @@ def mesh_devices(config: ml_collections.ConfigDict) -> list:
             )
         devices = devices[: config.num_devices]
     return devices
+
+
+def _put(tree: Any, sharding: NamedSharding) -> Any:
+    """Places host values (the same on every host) with `sharding`.
+
+    One host: jax.device_put. Several (`config.distributed`): each host builds the global array
+    from its own copy, handing each of its devices the part `sharding` gives it; every host
+    holds the same data and draws the same batches (same seeds), so no data is exchanged.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def global_array(value):
+        value = np.asarray(jax.device_get(value))
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(global_array, tree)
+
+
+def _global_input(batch: np.ndarray, sharding: NamedSharding) -> Any:
+    """A host batch as a jitted function's input: as it is on one host (jit places it), a global
+    array on several (where jit cannot place host arrays)."""
+    return batch if jax.process_count() == 1 else _put(batch, sharding)
+
+
+def _sync_hosts(name: str) -> None:
+    """Waits for every host to get here (nothing to wait for on one)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _is_primary() -> bool:
+    """Whether this process writes the run's files (the first host; always on one host)."""
+    return jax.process_index() == 0
 
 
 def _images_only(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -961,8 +1012,6 @@ def validate_config(config: ml_collections.ConfigDict, task: Task) -> None:
             f"config.discriminator.norm {norm!r}; use one of "
             f"{', '.join(models.DISCRIMINATOR_NORMS)}"
         )
-    if jax.process_count() > 1:
-        raise ConfigError("ADDA runs on the devices of one host; multi-host is not supported yet")
     num_devices = len(mesh_devices(config))
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % num_devices:
@@ -974,9 +1023,14 @@ def validate_config(config: ml_collections.ConfigDict, task: Task) -> None:
 
 
 def _predict(
-    predict_fn: Callable, variables: Any, images: np.ndarray, batch_size: int
+    predict_fn: Callable,
+    variables: Any,
+    images: np.ndarray,
+    batch_size: int,
+    sharding: NamedSharding | None = None,
 ) -> np.ndarray:
-    """Map outputs over images in order, in fixed-shape batches (the last padded)."""
+    """Map outputs over images in order, in fixed-shape batches (the last padded); `sharding`:
+    the batches' (needed on several hosts)."""
     outputs = []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start : start + batch_size]
@@ -984,6 +1038,8 @@ def _predict(
         if num_real < batch_size:
             padding = np.zeros((batch_size - num_real, *batch.shape[1:]), batch.dtype)
             batch = np.concatenate([batch, padding])
+        if sharding is not None:
+            batch = _global_input(batch, sharding)
         outputs.append(np.asarray(jax.device_get(predict_fn(variables, batch)))[:num_real])
     return np.concatenate(outputs)
 
@@ -1004,6 +1060,7 @@ class _Compiled(NamedTuple):
     predict: Callable
     criteria: Callable
     replicated: NamedSharding
+    batched: NamedSharding
     stacked: NamedSharding
 
 
@@ -1037,13 +1094,16 @@ def _compile(game: Game, config: ml_collections.ConfigDict, mesh: Mesh) -> _Comp
             out_shardings=state_and_metrics,
             donate_argnums=0,
         ),
+        # Outputs the host reads are replicated, so that every host holds all of them.
         evaluate=jax.jit(
             functools.partial(evaluate_game, game),
             in_shardings=(replicated, replicated, stacked, stacked, stacked, stacked),
+            out_shardings=replicated,
         ),
         predict=jax.jit(
             lambda variables, images: game.map_model.apply(variables, images, train=False),
             in_shardings=(replicated, batched),
+            out_shardings=replicated,
         ),
         criteria=jax.jit(
             functools.partial(
@@ -1055,6 +1115,7 @@ def _compile(game: Game, config: ml_collections.ConfigDict, mesh: Mesh) -> _Comp
             donate_argnums=0,
         ),
         replicated=replicated,
+        batched=batched,
         stacked=stacked,
     )
 
@@ -1080,6 +1141,7 @@ def _play(
     """
     if fused:
         function = compiled.cycle if len(batches) == 4 else compiled.disc_steps
+        batches = [_global_input(images, compiled.stacked) for images in batches]
         state, step_metrics = function(state, source_variables, *batches)
         return state, jax.device_get(step_metrics)
     collected: dict[str, list] = {}
@@ -1088,6 +1150,8 @@ def _play(
         pairs.append((compiled.target_step, batches[2], batches[3]))
     for step_fn, source_images, target_images in pairs:
         for source_batch, target_batch in zip(source_images, target_images, strict=True):
+            source_batch = _global_input(source_batch, compiled.batched)
+            target_batch = _global_input(target_batch, compiled.batched)
             state, one_step = step_fn(state, source_variables, source_batch, target_batch)
             for name, value in one_step.items():
                 collected.setdefault(name, []).append(value)
@@ -1149,8 +1213,10 @@ def train_and_evaluate(
     validate_config(config, task)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    train_segment.write_config(config, workdir, ignored_keys=COSMETIC_CONFIG_KEYS)
-    provenance.write(workdir / "provenance.json", provenance.collect(config, config.seed))
+    primary = _is_primary()  # on several hosts only the first writes files (orbax: all save)
+    if primary:
+        train_segment.write_config(config, workdir, ignored_keys=COSMETIC_CONFIG_KEYS)
+        provenance.write(workdir / "provenance.json", provenance.collect(config, config.seed))
     start_time = time.time()
 
     data = task.load_data(config)
@@ -1167,17 +1233,17 @@ def train_and_evaluate(
     mesh = Mesh(np.asarray(mesh_devices(config)), (BATCH_AXIS,))
     compiled = _compile(game, config, mesh)
     fused = fused_cycles(config)
-    source_variables = jax.device_put(dict(source_variables), compiled.replicated)
-    state = create_game_state(
+    state = create_game_state(  # on this host's default device, then placed like the rest
         jax.random.PRNGKey(config.seed),
         game,
         source_variables,
         input_shape,
         config.confusion_window,
     )
-    state = jax.device_put(state, compiled.replicated)
+    state = _put(state, compiled.replicated)
+    source_variables = _put(dict(source_variables), compiled.replicated)
 
-    val_batches = jax.device_put(
+    val_batches = _put(
         mixed_eval_batches(
             data.source["val"]["image"], data.target["val"]["image"], config.batch_size
         ),
@@ -1238,17 +1304,22 @@ def train_and_evaluate(
 
     if managers["game"].latest_step() is not None:
         state, meta = _restore(managers["game"], state)
-        state = jax.device_put(state, compiled.replicated)
+        state = _put(state, compiled.replicated)
         source_stream.set_state(meta["source_stream"])
         target_stream.set_state(meta["target_stream"])
         completed_phases, history_rows = meta["completed_phases"], meta["history_rows"]
         kept = metrics_path.read_text().splitlines(keepends=True)[:history_rows]
-        metrics_path.write_text("".join(kept))
+        last_row = json.loads(kept[-1])
+        _sync_hosts("read metrics")  # every host has read the rows before the first rewrites them
+        if primary:
+            metrics_path.write_text("".join(kept))
         logging.info("resumed after %d phases in %s", completed_phases, workdir)
     else:
         row = {"phase": "before_da", "cycle": 0, **counters(state), **evaluate(state)}
         save_criterion("initial", state, row)
-        metrics_path.write_text(json.dumps(_jsonable(row)) + "\n")
+        if primary:
+            metrics_path.write_text(json.dumps(_jsonable(row)) + "\n")
+        last_row = _jsonable(row)
         completed_phases, history_rows = 0, 1
         save_game(state, completed_phases, history_rows)
 
@@ -1257,7 +1328,7 @@ def train_and_evaluate(
         initial=completed_phases,
         desc=f"adda {config.scheme}",
         unit="cycle",
-        disable=not config.progress_bar,
+        disable=not (config.progress_bar and primary),
     )
     k_d, k_t = config.disc_steps_per_cycle, config.target_steps_per_cycle
     while completed_phases < len(phases):
@@ -1310,8 +1381,10 @@ def train_and_evaluate(
         for name in ("confusion", "best_loss", "highest_peak"):
             if criteria[name]:
                 save_criterion(name, state, row)
-        with open(metrics_path, "a") as metrics_file:
-            metrics_file.write(json.dumps(_jsonable(row)) + "\n")
+        if primary:
+            with open(metrics_path, "a") as metrics_file:
+                metrics_file.write(json.dumps(_jsonable(row)) + "\n")
+        last_row = _jsonable(row)
         history_rows += 1
         completed_phases += 1
         if completed_phases % config.checkpoint_every_cycles == 0 or completed_phases == len(
@@ -1329,15 +1402,18 @@ def train_and_evaluate(
         if cycle_hook is not None:
             cycle_hook(completed_phases)
     progress.close()
-    final_row = json.loads(metrics_path.read_text().splitlines()[-1])
-    save_criterion("latest", state, final_row)
+    save_criterion("latest", state, last_row)
     train_seconds = time.time() - start_time
 
     def scores(variables: Any, arrays: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
         return {
             split: task.evaluate(
                 _predict(
-                    compiled.predict, variables, arrays[split]["image"], config.eval_batch_size
+                    compiled.predict,
+                    variables,
+                    arrays[split]["image"],
+                    config.eval_batch_size,
+                    compiled.batched,
                 ),
                 arrays[split],
             )
@@ -1351,7 +1427,7 @@ def train_and_evaluate(
             not_reached.append(name)
             continue
         variables, meta = _restore(manager, state.target_variables())
-        variables = jax.device_put(variables, compiled.replicated)
+        variables = _put(variables, compiled.replicated)
         criteria_results[name] = {
             "step": meta["step"],
             "cycle": meta["cycle"],
@@ -1383,10 +1459,12 @@ def train_and_evaluate(
         "disc_steps": int(state.disc_steps),
         "target_steps": int(state.target_steps),
         "devices": len(mesh.devices.ravel()),
+        "hosts": jax.process_count(),
         "wall_time_s": train_seconds,
     }
-    (workdir / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
-    provenance.add(workdir / "provenance.json", {"data": counts, "wall_time_s": train_seconds})
+    if primary:
+        (workdir / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
+        provenance.add(workdir / "provenance.json", {"data": counts, "wall_time_s": train_seconds})
     for manager in managers.values():
         manager.close()
     return results

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import tempfile
@@ -152,6 +153,25 @@ with tempfile.TemporaryDirectory() as tmp:
     except train_adda.ConfigError as error:
         output["odd_batch_error"] = str(error)
 print(json.dumps(output))
+"""
+
+
+_HOSTS_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import main
+import train_adda_test as t
+config = t.toy_config(**{
+    "distributed.coordinator_address": f"localhost:{sys.argv[2]}",
+    "distributed.num_processes": 2,
+    "distributed.process_id": int(sys.argv[3]),
+})
+main.initialize_distributed(config)
+import jax
+from sarcoma_jax import train_adda
+assert (jax.process_count(), jax.device_count()) == (2, 4), jax.devices()
+results = train_adda.train_and_evaluate(config, sys.argv[4], task=t.ToyTask())
+print(json.dumps({"devices": results["devices"], "hosts": results["hosts"]}))
 """
 
 
@@ -373,6 +393,49 @@ class ToyGameTest(absltest.TestCase):
         # order of float sums.
         assert_rows_close(self, output["rows"], self.reference_rows, rtol=1e-4)
         self.assertIn("divisible by the 4 devices", output["odd_batch_error"])
+
+    def test_two_hosts_give_the_loss_trajectory_of_one(self):
+        # Two processes of two CPU devices each, joined by jax.distributed (Gloo): the mesh spans
+        # four devices on two hosts; the rows equal the one-device run's as with four local ones.
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        env["JAX_PLATFORMS"] = "cpu"
+        env["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE.name
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+        with socket.socket() as probe:  # a free port for the coordinator
+            probe.bind(("localhost", 0))
+            port = probe.getsockname()[1]
+        workdir = pathlib.Path(self.tmp.name) / "two_hosts"
+        hosts = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _HOSTS_SCRIPT,
+                    str(REPO_ROOT / "tests"),
+                    str(port),
+                    str(process_id),
+                    str(workdir),
+                ],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for process_id in (0, 1)
+        ]
+        outputs = [host.communicate(timeout=600) for host in hosts]
+        for host, (_, stderr) in zip(hosts, outputs, strict=True):
+            self.assertEqual(host.returncode, 0, stderr[-3000:])
+        for stdout, _ in outputs:
+            self.assertEqual(
+                json.loads(stdout.strip().splitlines()[-1]), {"devices": 4, "hosts": 2}
+            )
+        # Only the first host wrote the rows; they match the one-device run's.
+        assert_rows_close(self, read_rows(workdir), self.reference_rows, rtol=1e-4)
+        results = json.loads((workdir / "results.json").read_text())
+        self.assertEqual(results["hosts"], 2)
+        self.assertEqual(set(results["criteria"]), set(self.reference["criteria"]))
 
     def test_workdir_of_another_config_is_refused(self):
         with self.assertRaisesRegex(train_adda.ConfigError, "another config"):
