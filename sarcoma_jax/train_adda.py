@@ -57,6 +57,8 @@ passing `task=` to `train_and_evaluate`. A Task has:
                                          metrics of map outputs (n, ...) (logits, in the order of
                                          arrays) against arrays' labels; must contain
                                          primary_metric
+  per_image(outputs, arrays) -> dict[str, list]   (optional) per-example test metrics, written
+                                         as criteria[name]['test_per_image'] (box plots)
 
 Performance (issue 6): a cycle runs as one compiled call (`run_cycle`: `lax.scan` over the stacked
 k_d and k_t batches, the state donated); `fused_cycles=False` runs one call per step with the same
@@ -327,6 +329,12 @@ class SegmentationTask:
 
     def evaluate(self, outputs: np.ndarray, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
         return metrics.segmentation_metrics(scipy.special.expit(outputs), arrays["mask"])
+
+    def per_image(self, outputs: np.ndarray, arrays: Mapping[str, np.ndarray]) -> dict[str, list]:
+        """Per test image F1 (Dice), for the §15-3 box plots (report.plot_da_boxplots)."""
+        # Thresholded as in `evaluate`, so that their mean is its f1.
+        dice = metrics.dice_per_image(scipy.special.expit(outputs) >= 0.5, arrays["mask"] > 0)
+        return {"f1": dice.tolist()}
 
 
 TASKS: Mapping[str, Callable[[], Task]] = {"segmentation": SegmentationTask}
@@ -1406,19 +1414,19 @@ def train_and_evaluate(
     train_seconds = time.time() - start_time
 
     def scores(variables: Any, arrays: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
-        return {
-            split: task.evaluate(
-                _predict(
-                    compiled.predict,
-                    variables,
-                    arrays[split]["image"],
-                    config.eval_batch_size,
-                    compiled.batched,
-                ),
-                arrays[split],
+        result = {}
+        for split in ("test", "val"):
+            outputs = _predict(
+                compiled.predict,
+                variables,
+                arrays[split]["image"],
+                config.eval_batch_size,
+                compiled.batched,
             )
-            for split in ("test", "val")
-        }
+            result[split] = task.evaluate(outputs, arrays[split])
+            if split == "test" and hasattr(task, "per_image"):  # optional in the Task protocol
+                result["test_per_image"] = task.per_image(outputs, arrays[split])
+        return result
 
     criteria_results, not_reached = {}, []
     for name in CRITERIA:

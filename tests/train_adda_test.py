@@ -250,6 +250,10 @@ class ToyGameTest(absltest.TestCase):
         for entry in results["criteria"].values():
             for split in ("test", "val"):
                 self.assertLessEqual({"f1", "dice", "accuracy", "auc"}, set(entry[split]))
+            # One F1 per test image (5 in ToyTask), averaging to the split's F1.
+            per_image = entry["test_per_image"]["f1"]
+            self.assertLen(per_image, 5)
+            self.assertAlmostEqual(np.mean(per_image), entry["test"]["f1"], places=6)
         self.assertLessEqual({"f1", "dice", "accuracy", "auc"}, set(results["source_test"]))
         for name in ("config.json", "provenance.json", "results.json"):
             self.assertTrue((self.reference_dir / name).is_file(), name)
