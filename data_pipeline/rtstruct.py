@@ -120,7 +120,8 @@ def _scan_rtstruct(path: str) -> _Scanned | None:
     and reading RTSTRUCTs that way was a third of an ingest's CPU time (benchmarks/ingest.py). The
     values read here are ASCII VRs (IS, CS, DS, UI) whatever the character set; the rest of the
     file (ROI names) is left to pydicom. tests/dicom_io_test.py checks that both readers give equal
-    structure sets on the phantom, the real data and pydicom's test files.
+    structure sets on the phantom, the real data and re-encoded variants (implicit VR, sequences of
+    defined length, big endian and truncated files, which go to pydicom).
     """
     scanned = dicom_io.scan_dataset(path)
     if scanned is None:
