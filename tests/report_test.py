@@ -352,6 +352,13 @@ class ReportTest(absltest.TestCase):
         )
         self.assertIn("CT$\\to$PT", (self.out / "da.tex").read_text())
 
+    def test_thesis_pair_for_other_mr_sequences(self):
+        self.assertEqual(report._thesis_pair("CT->PT"), ("CT->PT", ""))
+        self.assertEqual(report._thesis_pair("CT->T1"), ("CT->T2", " (T2)"))
+        self.assertEqual(report._thesis_pair("T1->PT"), ("T2->PT", " (T2)"))
+        self.assertEqual(report._thesis_pair("T1->T2"), (None, ""))  # T2->T2 is no thesis pair
+        self.assertEqual(report._thesis_value(0.1107, mark=" (T2)"), "0.1107 (T2)")
+
     def test_stopping_table(self):
         markdown = (self.out / "stopping.md").read_text()
         header = _table_row(markdown, "data", "pair", "results")
