@@ -682,9 +682,7 @@ def da_table(runs: Sequence[Run]) -> Table:
                     for s in train_adda.SCHEMES
                 ),
             ]
-            theirs = [
-                _thesis_value(value, mark=mark) for value in thesis.get(metric, (None,) * 3)
-            ]
+            theirs = [_thesis_value(value, mark=mark) for value in thesis.get(metric, (None,) * 3)]
             rows.append([_data_cell(group[0]), _pair_display(pair), label, *ours, *theirs])
     return Table(
         title="Domain adaptation (thesis Table 15-6)",
