@@ -10,7 +10,7 @@ import os
 import re
 import struct
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import pydicom
@@ -420,22 +420,28 @@ def _value_span(buffer: bytes, vr: bytes | None, length: int, value_pos: int, ex
     return value_pos, end - 8, end
 
 
-def scan_elements(buffer: bytes, start: int, end: int, explicit: bool) -> dict[int, tuple]:
-    """The elements of one dataset (or item) in buffer[start:end]: tag -> (value start, value end).
-
-    The walk of _scan_elements for data inside sequences, with no conversion: the caller knows
-    each tag's VR. Raises _Unexpected or _NeedMore on anything malformed.
-    """
-    elements, pos = {}, start
+def _walk(buffer: bytes, start: int, end: int, explicit: bool) -> Iterator[tuple[int, ...]]:
+    """(tag, element start, value start, value end, element end) of each element of the dataset
+    (or item) in buffer[start:end], with no conversion; raises _Unexpected or _NeedMore on
+    anything malformed."""
+    pos = start
     while pos < end:
         tag, vr, length, value_pos = _element_at(buffer, pos, explicit)
         if tag >> 16 == 0xFFFE:
             raise _Unexpected
-        value_start, value_end, pos = _value_span(buffer, vr, length, value_pos, explicit)
-        elements[tag] = (value_start, value_end)
+        value_start, value_end, element_end = _value_span(buffer, vr, length, value_pos, explicit)
+        yield tag, pos, value_start, value_end, element_end
+        pos = element_end
     if pos != end:
         raise _Unexpected
-    return elements
+
+
+def scan_elements(buffer: bytes, start: int, end: int, explicit: bool) -> dict[int, tuple]:
+    """The elements of one dataset (or item) in buffer[start:end]: tag -> (value start, value end).
+
+    For data inside sequences: the caller knows each tag's VR.
+    """
+    return {tag: (first, last) for tag, _, first, last, _ in _walk(buffer, start, end, explicit)}
 
 
 def scan_items(buffer: bytes, start: int, end: int, explicit: bool) -> list[tuple[int, int]]:
@@ -474,14 +480,7 @@ def scan_dataset(path: str) -> tuple[bytes, dict[int, tuple], bool] | None:
         pos, syntax, explicit = _dataset_start(buffer)
         if syntax not in _SCAN_SYNTAXES:  # encapsulated pixel data: not an RTSTRUCT
             return None
-        elements = {}
-        while pos < len(buffer):
-            tag, vr, length, value_pos = _element_at(buffer, pos, explicit)
-            if tag >> 16 == 0xFFFE:
-                raise _Unexpected
-            value_start, value_end, end = _value_span(buffer, vr, length, value_pos, explicit)
-            elements[tag] = (pos, value_start, value_end, end)
-            pos = end
+        elements = {tag: tuple(spans) for tag, *spans in _walk(buffer, pos, len(buffer), explicit)}
         return buffer, elements, explicit
     except (ScanError, struct.error, OSError):
         return None

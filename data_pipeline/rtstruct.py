@@ -97,7 +97,8 @@ _REFERENCED_SERIES, _SERIES_INSTANCE = 0x30060014, 0x0020000E
 
 @dataclasses.dataclass
 class _Scanned:
-    """What _scan_rtstruct read; `rest` is the file without the two sequences it parsed."""
+    """ROIContourSequence and ReferencedFrameOfReferenceSequence as read; `rest` is the file without
+    them (_scan_rtstruct; empty when pydicom read them)."""
 
     rest: bytes
     contours: list[tuple[int, list[Contour]]]  # (ReferencedROINumber, its contours) per item
@@ -199,31 +200,16 @@ def read_rtstruct(path: str | os.PathLike) -> StructureSet:
         raise InputProblem(path, f"unreadable RTSTRUCT ({type(e).__name__}: {e})") from None
 
 
-def _structure_set(path: str, ds: pydicom.Dataset, scanned: _Scanned | None) -> StructureSet:
-    names = {
-        int(roi.ROINumber): str(roi.get("ROIName", f"ROI_{roi.ROINumber}"))
-        for roi in ds.get("StructureSetROISequence", [])
-    }
-    frames, series_uids = [], []
-    if scanned is not None:
-        frames, series_uids = list(scanned.frames), list(scanned.series_uids)
-    for frame in ds.get("ReferencedFrameOfReferenceSequence", []) if scanned is None else ():
-        frames.append(str(frame.get("FrameOfReferenceUID", "")))
+def _sequences_by_pydicom(ds: pydicom.Dataset) -> _Scanned:
+    """What _scan_rtstruct reads, read through pydicom (where the scanner could not)."""
+    read = _Scanned(b"", [], [], [])
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
+        read.frames.append(str(frame.get("FrameOfReferenceUID", "")))
         for study in frame.get("RTReferencedStudySequence", []):
             for series in study.get("RTReferencedSeriesSequence", []):
-                series_uids.append(str(series.get("SeriesInstanceUID", "")))
-    for roi in ds.get("StructureSetROISequence", []):
-        frames.append(str(roi.get("ReferencedFrameOfReferenceUID", "")))
-    rois: dict[str, list[Contour]] = {}
-    if scanned is not None:
-        for roi_number, contours in scanned.contours:
-            name = names.get(roi_number, f"ROI_{roi_number}")
-            rois.setdefault(name, []).extend(contours)
-    for roi_contour in ds.get("ROIContourSequence", []) if scanned is None else ():
-        name = names.get(
-            int(roi_contour.ReferencedROINumber), f"ROI_{roi_contour.ReferencedROINumber}"
-        )
-        contours = rois.setdefault(name, [])
+                read.series_uids.append(str(series.get("SeriesInstanceUID", "")))
+    for roi_contour in ds.get("ROIContourSequence", []):
+        contours = []
         for contour in roi_contour.get("ContourSequence", []):
             if str(contour.get("ContourGeometricType", "CLOSED_PLANAR")).upper() != "CLOSED_PLANAR":
                 continue
@@ -236,6 +222,22 @@ def _structure_set(path: str, ds: pydicom.Dataset, scanned: _Scanned | None) -> 
                 if "ReferencedSOPInstanceUID" in item
             )
             contours.append(Contour(points_mm=data.reshape(-1, 3), referenced_sop_uids=uids))
+        read.contours.append((int(roi_contour.ReferencedROINumber), contours))
+    return read
+
+
+def _structure_set(path: str, ds: pydicom.Dataset, scanned: _Scanned | None) -> StructureSet:
+    names = {
+        int(roi.ROINumber): str(roi.get("ROIName", f"ROI_{roi.ROINumber}"))
+        for roi in ds.get("StructureSetROISequence", [])
+    }
+    sequences = scanned if scanned is not None else _sequences_by_pydicom(ds)
+    frames, series_uids = list(sequences.frames), sequences.series_uids
+    for roi in ds.get("StructureSetROISequence", []):
+        frames.append(str(roi.get("ReferencedFrameOfReferenceUID", "")))
+    rois: dict[str, list[Contour]] = {}
+    for roi_number, contours in sequences.contours:
+        rois.setdefault(names.get(roi_number, f"ROI_{roi_number}"), []).extend(contours)
     return StructureSet(
         path=path,
         patient_id=str(ds.get("PatientID", "")),
