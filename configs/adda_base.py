@@ -86,6 +86,9 @@ def get_config(
     config.task = "segmentation"  # train_adda.TASKS key or 'package.module:Factory'
     config.scheme = "adda"  # 'adda' | 'reset' (momentum reset with the pair's schedule)
     config.seed = source_config.get_ref("seed")  # init, data order (shared with config.source)
+    # > 1: seeds seed, seed + 1, ... played together by one vmapped program; each seed's run
+    # (metrics, checkpoints, results) goes to <workdir>/seed_<s>/ (train_adda module docstring).
+    config.num_seeds = 1
 
     # Shared with config.source.data: overriding one sets both.
     config.data = ml_collections.ConfigDict()
@@ -146,7 +149,8 @@ def get_config(
     # True: one compiled call per cycle; False: one per step (same numbers); None: True except on
     # CPU, where convolution gradients inside a loop are 7x slower (benchmarks/README.md).
     config.fused_cycles = config_dict.placeholder(bool)
-    config.num_devices = 0  # data parallel over the first n local devices; 0 = all
+    # Data parallel over the first n local devices (0 = all); shared with config.source.
+    config.num_devices = source_config.get_ref("num_devices")
     # Several hosts (main.initialize_distributed): 'host:port' of process 0 with num_processes
     # and this host's process_id, or 'auto'; the batch is split over every device of every host.
     config.distributed = ml_collections.ConfigDict(

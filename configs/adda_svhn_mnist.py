@@ -25,6 +25,9 @@ def get_config(arg: str | None = None, dataset: str = "svhn_mnist") -> ml_collec
     config.task = "sarcoma_jax.digits:DigitsTask"
     config.scheme = "adda"  # 'adda' | 'reset' (the discriminator's moments reset every 100 steps)
     config.seed = 0  # init, data order, source training
+    # > 1: seeds seed, seed + 1, ... played together by one vmapped program; each seed's run
+    # (metrics, checkpoints, results) goes to <workdir>/seed_<s>/ (train_adda module docstring).
+    config.num_seeds = 1
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = dataset  # 'svhn_mnist' (tfds) | 'offline' (SPEC §8)

@@ -67,6 +67,7 @@ def get_config(
     config.batch_size = 5
     config.eval_batch_size = 25
     config.num_epochs = 20
+    config.num_devices = 0  # data parallel over the first n local devices; 0 = all
     config.checkpoint_every_steps = 100  # and at the end of every epoch
     config.log_every_steps = 10
     config.progress_bar = True

@@ -59,6 +59,9 @@ passing `task=` to `train_and_evaluate`. A Task has:
                                          primary_metric
   per_image(outputs, arrays) -> dict[str, list]   (optional) per-example test metrics, written
                                          as criteria[name]['test_per_image'] (box plots)
+  prepare_seeds(config, workdir, seed_configs) -> seed_configs
+                                         (optional) before a `num_seeds` run reads its source
+                                         maps: e.g. train them all at once (SegmentationTask)
 
 Performance (issue 6): a cycle runs as one compiled call (`run_cycle`: `lax.scan` over the stacked
 k_d and k_t batches, the state donated); `fused_cycles=False` runs one call per step with the same
@@ -69,7 +72,12 @@ gradients inside a loop 7x slower (jax#12868; benchmarks/README.md). Batches are
 (`config.distributed`, main.initialize_distributed): the mesh spans every device of every host;
 each host loads the same data and draws the same batches, and hands its own devices their part
 (`_put`); only the first host writes files (checkpoints are saved by all, as orbax requires).
-The whole game state is one pytree (`GameState`) so it can be vmapped over seeds.
+The whole game state is one pytree (`GameState`), so `config.num_seeds` > 1 plays the game of
+several seeds (config.seed, config.seed + 1, ...) in one program: the states are stacked and
+every step, cycle, evaluation and criterion update is vmapped over the seed axis; each seed has
+its own data order, source map, metrics, criterion checkpoints and results in workdir/seed_<s>/
+(laid out like a single run; equal to one up to float reassociation), and workdir/results.json
+lists them.
 
 Outputs in workdir:
   config.json, provenance.json     what ran
@@ -84,6 +92,9 @@ Outputs in workdir:
                                    the phase's steps), disc_resets, target_resets, seconds
   results.json                     {"criteria": {name: {"step", "test", "val", ...}},
                                     "source_test": ..., "source_val": ..., "scheme", "pair", ...}
+With num_seeds > 1: checkpoints/game holds the stacked state, source/ the seeds' source runs
+(one vmapped segmentation run), seed_<s>/ each seed's config, provenance, metrics.jsonl,
+checkpoints/<criterion>/ and results.json, and results.json lists the seeds.
 A run killed and started again with the same workdir resumes from checkpoints/game (the confusion
 window, criteria, reset counters, rng and data position are all in it) and ends with the same
 results as an uninterrupted run. A NaN or inf loss stops the run with `NonFiniteLossError` naming
@@ -326,6 +337,28 @@ class SegmentationTask:
             state_dir = resolve_segmentation_checkpoint(source_workdir)
         restored = ocp.StandardCheckpointer().restore(state_dir.resolve())
         return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+
+    def prepare_seeds(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: pathlib.Path,
+        seed_configs: list[ml_collections.ConfigDict],
+    ) -> list[ml_collections.ConfigDict]:
+        """A `num_seeds` run's source maps: one vmapped segmentation run of all the seeds into
+        workdir/source (train_segment, `num_seeds`), which each seed's config then names as its
+        source_checkpoint (unless config.source_checkpoint already gives one to all)."""
+        if config.source_checkpoint:
+            return seed_configs
+        source_workdir = workdir / "source"
+        if not (source_workdir / "results.json").is_file():
+            source_config = config.source.copy_and_resolve_references()
+            source_config.seed = seed_configs[0].seed
+            source_config.num_seeds = len(seed_configs)
+            logging.info("training %d source maps into %s", len(seed_configs), source_workdir)
+            train_segment.train_and_evaluate(source_config, source_workdir)
+        for seed_config in seed_configs:
+            seed_config.source_checkpoint = str(source_workdir / f"seed_{seed_config.seed}")
+        return seed_configs
 
     def evaluate(self, outputs: np.ndarray, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
         return metrics.segmentation_metrics(scipy.special.expit(outputs), arrays["mask"])
@@ -822,14 +855,7 @@ def mesh_devices(config: ml_collections.ConfigDict) -> list:
                 f"{jax.device_count()} devices of its {jax.process_count()} hosts (set 0)"
             )
         return jax.devices()
-    devices = jax.local_devices()
-    if config.num_devices:
-        if config.num_devices > len(devices):
-            raise ConfigError(
-                f"config.num_devices {config.num_devices} but only {len(devices)} local devices"
-            )
-        devices = devices[: config.num_devices]
-    return devices
+    return train_segment.mesh_devices(config)
 
 
 def _put(tree: Any, sharding: NamedSharding) -> Any:
@@ -1020,13 +1046,14 @@ def validate_config(config: ml_collections.ConfigDict, task: Task) -> None:
             f"config.discriminator.norm {norm!r}; use one of "
             f"{', '.join(models.DISCRIMINATOR_NORMS)}"
         )
-    num_devices = len(mesh_devices(config))
-    for name in ("batch_size", "eval_batch_size"):
-        if config[name] % num_devices:
-            raise ConfigError(
-                f"config.{name} {config[name]} must be divisible by the {num_devices} devices "
-                "the batch is split over (or set config.num_devices)"
-            )
+    num_seeds = config.get("num_seeds", 1)
+    if not isinstance(num_seeds, int) or num_seeds < 1:
+        raise ConfigError(f"config.num_seeds must be an integer >= 1, got {num_seeds!r}")
+    if num_seeds > 1 and jax.process_count() > 1:
+        raise ConfigError(
+            "config.num_seeds > 1 runs on one host; on several hosts run one seed per job"
+        )
+    train_segment.check_batch_split(config, len(mesh_devices(config)))
     task.validate_config(config)
 
 
@@ -1058,7 +1085,12 @@ def _number_of_cycles(config: ml_collections.ConfigDict, num_target_train: int) 
 
 
 class _Compiled(NamedTuple):
-    """The run's jit-compiled functions, with their shardings."""
+    """The run's jit-compiled functions, with their shardings.
+
+    With seeds (`vmapped`), states, source variables and step inputs have a seed axis: a step's
+    batch is (seeds, batch, ...), a phase's (steps, seeds, batch, ...), and per-step metrics come
+    back (steps, seeds); val batches and `predict` (one seed's variables) have none.
+    """
 
     disc_steps: Callable
     cycle: Callable
@@ -1068,63 +1100,85 @@ class _Compiled(NamedTuple):
     predict: Callable
     criteria: Callable
     replicated: NamedSharding
-    batched: NamedSharding
-    stacked: NamedSharding
+    batched: NamedSharding  # one step's images
+    stacked: NamedSharding  # a phase's images
+    val_stacked: NamedSharding  # mixed_eval_batches
+    examples: NamedSharding  # `predict`'s images
 
 
-def _compile(game: Game, config: ml_collections.ConfigDict, mesh: Mesh) -> _Compiled:
+def _compile(game: Game, config: ml_collections.ConfigDict, mesh: Mesh, vmapped: bool) -> _Compiled:
+    seed_axis = (None,) if vmapped else ()
     replicated = NamedSharding(mesh, P())
-    batched = NamedSharding(mesh, P(BATCH_AXIS))
-    stacked = NamedSharding(mesh, P(None, BATCH_AXIS))
+    batched = NamedSharding(mesh, P(*seed_axis, BATCH_AXIS))
+    stacked = NamedSharding(mesh, P(None, *seed_axis, BATCH_AXIS))
+    val_stacked = NamedSharding(mesh, P(None, BATCH_AXIS))
+    examples = NamedSharding(mesh, P(BATCH_AXIS))
     state_and_metrics = (replicated, replicated)
+
+    def over_seeds(function, in_axes, out_axes=0):
+        return jax.vmap(function, in_axes=in_axes, out_axes=out_axes) if vmapped else function
+
+    # Phases: stacked images (steps, seeds, batch, ...) in, metrics (steps, seeds) out, as the
+    # step-by-step path gives them.
+    phase_axes = {"in_axes": (0, 0, 1, 1, 1, 1), "out_axes": (0, 1)}
+    criteria = functools.partial(
+        update_criteria,
+        confusion_delay=config.confusion_delay,
+        best_loss_min_target_steps=config.best_loss_min_target_steps,
+    )
     return _Compiled(
         disc_steps=jax.jit(
-            functools.partial(run_disc_steps, game),
+            over_seeds(functools.partial(run_disc_steps, game), (0, 0, 1, 1), (0, 1)),
             in_shardings=(replicated, replicated, stacked, stacked),
             out_shardings=state_and_metrics,
             donate_argnums=0,
         ),
         cycle=jax.jit(
-            functools.partial(run_cycle, game),
+            over_seeds(functools.partial(run_cycle, game), **phase_axes),
             in_shardings=(replicated, replicated, stacked, stacked, stacked, stacked),
             out_shardings=state_and_metrics,
             donate_argnums=0,
         ),
         disc_step=jax.jit(
-            functools.partial(disc_step, game),
+            over_seeds(functools.partial(disc_step, game), 0),
             in_shardings=(replicated, replicated, batched, batched),
             out_shardings=state_and_metrics,
             donate_argnums=0,
         ),
         target_step=jax.jit(
-            functools.partial(target_step, game),
+            over_seeds(functools.partial(target_step, game), 0),
             in_shardings=(replicated, replicated, batched, batched),
             out_shardings=state_and_metrics,
             donate_argnums=0,
         ),
         # Outputs the host reads are replicated, so that every host holds all of them.
         evaluate=jax.jit(
-            functools.partial(evaluate_game, game),
-            in_shardings=(replicated, replicated, stacked, stacked, stacked, stacked),
+            over_seeds(functools.partial(evaluate_game, game), (0, 0, None, None, None, None)),
+            in_shardings=(
+                replicated,
+                replicated,
+                val_stacked,
+                val_stacked,
+                val_stacked,
+                val_stacked,
+            ),
             out_shardings=replicated,
         ),
         predict=jax.jit(
             lambda variables, images: game.map_model.apply(variables, images, train=False),
-            in_shardings=(replicated, batched),
+            in_shardings=(replicated, examples),
             out_shardings=replicated,
         ),
         criteria=jax.jit(
-            functools.partial(
-                update_criteria,
-                confusion_delay=config.confusion_delay,
-                best_loss_min_target_steps=config.best_loss_min_target_steps,
-            ),
+            over_seeds(criteria, (0, 0, 0, 0, 0, None)),
             out_shardings=(replicated, replicated),
             donate_argnums=0,
         ),
         replicated=replicated,
         batched=batched,
         stacked=stacked,
+        val_stacked=val_stacked,
+        examples=examples,
     )
 
 
@@ -1171,28 +1225,75 @@ def _check_finite(
     state_before: Mapping[str, int],
     phase: str,
     game_checkpoint: str,
+    seeds: list[int] | None = None,
 ) -> None:
     """Raises NonFiniteLossError at the first step with a non-finite loss or gradient.
 
     The discriminator steps of a phase come before its target steps, so they are checked first.
+    `seeds`: the seeds of a vmapped run, whose metrics are (steps, seeds); the message names the
+    seeds that failed.
     """
     for prefix, network, counter in (
         ("disc", "discriminator", "disc_steps"),
         ("target", "target map", "target_steps"),
     ):
-        first_bad = []  # (step index, order, what): the loss is named when both fail at once
+        first_bad = []  # (step index, order, what, seeds): the loss is named when both fail
         for order, (quantity, what) in enumerate((("loss", "loss"), ("grad_norm", "gradient"))):
             values = step_metrics.get(f"{prefix}_{quantity}")
-            bad = np.flatnonzero(~np.isfinite(values)) if values is not None else []
+            if values is None:
+                continue
+            finite = np.isfinite(np.asarray(values)).reshape(len(values), -1)
+            bad = np.flatnonzero(~finite.all(axis=1))
             if len(bad):
-                first_bad.append((int(bad[0]), order, what))
+                failed = np.flatnonzero(~finite[bad[0]])
+                first_bad.append((int(bad[0]), order, what, failed.tolist()))
         if first_bad:
-            index, _, what = min(first_bad)
+            index, _, what, failed = min(first_bad)
+            which = (
+                f"seed {', '.join(str(seeds[i]) for i in failed)}: " if seeds is not None else ""
+            )
             raise NonFiniteLossError(
-                f"non-finite {network} {what} at {network} step "
+                f"{which}non-finite {network} {what} at {network} step "
                 f"{state_before[counter] + index + 1} ({phase}); stopped, the last good state is "
                 f"kept in {game_checkpoint}"
             )
+
+
+def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    """The config of one seed of a `num_seeds` run: `seed` set (and the source run's, which shares
+    it), `num_seeds` 1; what a single run of that seed is given."""
+    single = config.copy_and_resolve_references()
+    single.seed = seed
+    if isinstance(single.get("source"), ml_collections.ConfigDict) and "seed" in single.source:
+        single.source.seed = seed
+    single.num_seeds = 1
+    return single
+
+
+@dataclasses.dataclass
+class _SeedRun:
+    """The host side of one seed of the game: its config and folder, its data streams, its
+    criterion checkpoints and its last metrics row. A single run is one, in the run's workdir."""
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    source_stream: Any
+    target_stream: Any
+    managers: dict[str, ocp.CheckpointManager]
+    last_row: dict | None = None
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def metrics_path(self) -> pathlib.Path:
+        return self.workdir / "metrics.jsonl"
+
+
+def _stack(trees: list[Any]) -> Any:
+    """Pytrees of one structure stacked leaf by leaf along a new leading (seed) axis."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 def train_and_evaluate(
@@ -1203,6 +1304,9 @@ def train_and_evaluate(
 ) -> dict:
     """Plays the ADDA game of `config`, then scores every stopping criterion on target test/val.
 
+    With `config.num_seeds` > 1, plays seeds config.seed, config.seed + 1, ... together in one
+    vmapped program (module docstring); each seed's run goes to workdir/seed_<s>/.
+
     Args:
       config: see configs/adda_base.py.
       workdir: output folder (created); an existing one of the same config is resumed.
@@ -1211,7 +1315,7 @@ def train_and_evaluate(
         count as one) after each phase and its checkpointing; tests use it to interrupt a run.
 
     Returns:
-      The results written to results.json.
+      The results written to results.json (with seeds: the summary listing them).
 
     Raises:
       ConfigError: a config that cannot run (before any compute).
@@ -1226,6 +1330,13 @@ def train_and_evaluate(
         train_segment.write_config(config, workdir, ignored_keys=COSMETIC_CONFIG_KEYS)
         provenance.write(workdir / "provenance.json", provenance.collect(config, config.seed))
     start_time = time.time()
+    num_seeds = config.get("num_seeds", 1)
+    vmapped = num_seeds > 1
+    if vmapped:
+        seed_configs = [seed_config(config, config.seed + i) for i in range(num_seeds)]
+        seed_dirs = [workdir / f"seed_{single.seed}" for single in seed_configs]
+    else:
+        seed_configs, seed_dirs = [config], [workdir]
 
     data = task.load_data(config)
     counts = {
@@ -1235,47 +1346,75 @@ def train_and_evaluate(
     logging.info("data (examples per split): %s", counts)
     input_shape = tuple(data.target["train"]["image"].shape[1:])
     game = create_game(config)
-    source_variables = task.source_variables(config, workdir, data)
-    _check_source_fits(game, source_variables, input_shape)
+    if vmapped:
+        if hasattr(task, "prepare_seeds"):  # optional in the Task protocol
+            seed_configs = task.prepare_seeds(config, workdir, seed_configs)
+        for single, seed_dir in zip(seed_configs, seed_dirs, strict=True):
+            seed_dir.mkdir(exist_ok=True)
+            if primary:
+                train_segment.write_config(single, seed_dir, ignored_keys=COSMETIC_CONFIG_KEYS)
+                provenance.write(
+                    seed_dir / "provenance.json", provenance.collect(single, single.seed)
+                )
+    all_source_variables = [
+        dict(task.source_variables(single, seed_dir, data))
+        for single, seed_dir in zip(seed_configs, seed_dirs, strict=True)
+    ]
+    for variables in all_source_variables:
+        _check_source_fits(game, variables, input_shape)
 
     mesh = Mesh(np.asarray(mesh_devices(config)), (BATCH_AXIS,))
-    compiled = _compile(game, config, mesh)
+    compiled = _compile(game, config, mesh, vmapped)
     fused = fused_cycles(config)
-    state = create_game_state(  # on this host's default device, then placed like the rest
-        jax.random.PRNGKey(config.seed),
-        game,
-        source_variables,
-        input_shape,
-        config.confusion_window,
+    states = [  # on this host's default device, then placed like the rest
+        create_game_state(
+            jax.random.PRNGKey(single.seed), game, variables, input_shape, config.confusion_window
+        )
+        for single, variables in zip(seed_configs, all_source_variables, strict=True)
+    ]
+    state = _put(_stack(states) if vmapped else states[0], compiled.replicated)
+    source_variables = _put(
+        _stack(all_source_variables) if vmapped else all_source_variables[0], compiled.replicated
     )
-    state = _put(state, compiled.replicated)
-    source_variables = _put(dict(source_variables), compiled.replicated)
+    del states, all_source_variables
+
+    def take(tree: Any, i: int) -> Any:
+        """Seed i's part of a (possibly stacked) pytree."""
+        return jax.tree.map(lambda leaf: leaf[i], tree) if vmapped else tree
+
+    def seed_int(value: Any, i: int) -> int:
+        return int(np.ravel(jax.device_get(value))[i])
 
     val_batches = _put(
         mixed_eval_batches(
             data.source["val"]["image"], data.target["val"]["image"], config.batch_size
         ),
-        compiled.stacked,
+        compiled.val_stacked,
     )
     num_target_val = data.target["val"]["image"].shape[0]
     metric_name = f"target_val_{task.primary_metric}"
+    evaluated = ("disc_loss", "recall", "specificity", "target_adversarial_loss", metric_name)
 
-    def evaluate(state: GameState) -> dict[str, Any]:
+    def evaluate(state: GameState) -> list[dict[str, Any]]:
+        """Each seed's evaluation on the val splits."""
         outputs = jax.device_get(compiled.evaluate(state, source_variables, *val_batches))
-        target_outputs = outputs["target_outputs"].reshape(
-            -1, *outputs["target_outputs"].shape[2:]
-        )[:num_target_val]
-        task_metrics = task.evaluate(target_outputs, data.target["val"])
-        return {
-            **{
-                name: float(outputs[name])
-                for name in ("disc_loss", "recall", "specificity", "target_adversarial_loss")
-            },
-            metric_name: float(task_metrics[task.primary_metric]),
-        }
+        evaluations = []
+        for i in range(num_seeds):
+            seed_outputs = take(outputs, i)
+            target_outputs = seed_outputs["target_outputs"]
+            target_outputs = target_outputs.reshape(-1, *target_outputs.shape[2:])[:num_target_val]
+            task_metrics = task.evaluate(target_outputs, data.target["val"])
+            evaluations.append(
+                {
+                    **{name: float(seed_outputs[name]) for name in evaluated[:-1]},
+                    metric_name: float(task_metrics[task.primary_metric]),
+                }
+            )
+        return evaluations
 
     def counters(state: GameState) -> dict[str, int]:
-        disc_steps, target_steps = int(state.disc_steps), int(state.target_steps)
+        # Every seed takes the same steps.
+        disc_steps, target_steps = seed_int(state.disc_steps, 0), seed_int(state.target_steps, 0)
         return {
             "step": disc_steps + target_steps,
             "disc_steps": disc_steps,
@@ -1283,58 +1422,84 @@ def train_and_evaluate(
         }
 
     checkpoint_dir = workdir / "checkpoints"
-    managers = {name: _checkpoint_manager(checkpoint_dir / name) for name in (*CRITERIA, "game")}
-    source_stream = loader.train_batches(
-        _images_only(data.source["train"]), config.batch_size, seed=2 * config.seed
-    )
-    target_stream = loader.train_batches(
-        _images_only(data.target["train"]), config.batch_size, seed=2 * config.seed + 1
-    )
+    game_manager = _checkpoint_manager(checkpoint_dir / "game")
+    runs = [
+        _SeedRun(
+            config=single,
+            workdir=seed_dir,
+            source_stream=loader.train_batches(
+                _images_only(data.source["train"]), config.batch_size, seed=2 * single.seed
+            ),
+            target_stream=loader.train_batches(
+                _images_only(data.target["train"]), config.batch_size, seed=2 * single.seed + 1
+            ),
+            managers={
+                name: _checkpoint_manager(seed_dir / "checkpoints" / name) for name in CRITERIA
+            },
+        )
+        for single, seed_dir in zip(seed_configs, seed_dirs, strict=True)
+    ]
     num_cycles = _number_of_cycles(config, counts["target"]["train"])
     phases = (["initial_disc"] if config.initial_disc_steps else []) + ["cycle"] * num_cycles
-    metrics_path = workdir / "metrics.jsonl"
+
+    def per_seed(values: list) -> Any:
+        """One value per seed as the compiled functions take it: stacked on axis 1 for phase
+        images (steps, seeds, ...) and on axis 0 for scalars; the value itself for one run."""
+        if not vmapped:
+            return values[0]
+        if np.ndim(values[0]) == 0:
+            return np.asarray(values, np.float32)
+        return np.stack(values, axis=1)
 
     def save_game(state: GameState, completed_phases: int, history_rows: int) -> None:
+        streams = {
+            "source_stream": [run.source_stream.get_state() for run in runs],
+            "target_stream": [run.target_stream.get_state() for run in runs],
+        }
         _save(
-            managers["game"],
+            game_manager,
             counters(state)["step"],
             state,
             {
                 "completed_phases": completed_phases,
                 "history_rows": history_rows,
-                "source_stream": source_stream.get_state(),
-                "target_stream": target_stream.get_state(),
+                # one run: the state itself (the layout of checkpoints before seeds existed)
+                **{key: value if vmapped else value[0] for key, value in streams.items()},
             },
         )
 
-    def save_criterion(name: str, state: GameState, row: Mapping[str, Any]) -> None:
-        _save(managers[name], row["step"], state.target_variables(), row)
+    def save_criterion(run: _SeedRun, name: str, seed_state: GameState, row: Mapping) -> None:
+        _save(run.managers[name], row["step"], seed_state.target_variables(), row)
 
-    if managers["game"].latest_step() is not None:
-        state, meta = _restore(managers["game"], state)
+    if game_manager.latest_step() is not None:
+        state, meta = _restore(game_manager, state)
         state = _put(state, compiled.replicated)
-        source_stream.set_state(meta["source_stream"])
-        target_stream.set_state(meta["target_stream"])
         completed_phases, history_rows = meta["completed_phases"], meta["history_rows"]
-        kept = metrics_path.read_text().splitlines(keepends=True)[:history_rows]
-        last_row = json.loads(kept[-1])
+        kept = []
+        for i, run in enumerate(runs):
+            for key in ("source_stream", "target_stream"):
+                getattr(run, key).set_state(meta[key][i] if vmapped else meta[key])
+            kept.append(run.metrics_path.read_text().splitlines(keepends=True)[:history_rows])
+            run.last_row = json.loads(kept[-1][-1])
         _sync_hosts("read metrics")  # every host has read the rows before the first rewrites them
         if primary:
-            metrics_path.write_text("".join(kept))
+            for run, lines in zip(runs, kept, strict=True):
+                run.metrics_path.write_text("".join(lines))
         logging.info("resumed after %d phases in %s", completed_phases, workdir)
     else:
-        row = {"phase": "before_da", "cycle": 0, **counters(state), **evaluate(state)}
-        save_criterion("initial", state, row)
-        if primary:
-            metrics_path.write_text(json.dumps(_jsonable(row)) + "\n")
-        last_row = _jsonable(row)
+        for i, (run, evaluation) in enumerate(zip(runs, evaluate(state), strict=True)):
+            row = {"phase": "before_da", "cycle": 0, **counters(state), **evaluation}
+            save_criterion(run, "initial", take(state, i), row)
+            if primary:
+                run.metrics_path.write_text(json.dumps(_jsonable(row)) + "\n")
+            run.last_row = _jsonable(row)
         completed_phases, history_rows = 0, 1
         save_game(state, completed_phases, history_rows)
 
     progress = tqdm.tqdm(
         total=len(phases),
         initial=completed_phases,
-        desc=f"adda {config.scheme}",
+        desc=f"adda {config.scheme}" + (f" x {num_seeds} seeds" if vmapped else ""),
         unit="cycle",
         disable=not (config.progress_bar and primary),
     )
@@ -1343,15 +1508,15 @@ def train_and_evaluate(
         phase = phases[completed_phases]
         cycle = completed_phases + (0 if config.initial_disc_steps else 1)
         if phase == "initial_disc":
-            n = config.initial_disc_steps
-            batches = (_next_images(source_stream, n), _next_images(target_stream, n))
+            draws = [("source_stream", config.initial_disc_steps)]
+            draws.append(("target_stream", config.initial_disc_steps))
         else:
-            batches = (
-                _next_images(source_stream, k_d),
-                _next_images(target_stream, k_d),
-                _next_images(source_stream, k_t),
-                _next_images(target_stream, k_t),
-            )
+            draws = [("source_stream", k_d), ("target_stream", k_d)]
+            draws += [("source_stream", k_t), ("target_stream", k_t)]
+        batches = tuple(
+            per_seed([_next_images(getattr(run, stream), count) for run in runs])
+            for stream, count in draws
+        )
         before = counters(state)
         phase_start = time.time()
         state, step_metrics = _play(compiled, fused, state, source_variables, batches)
@@ -1359,40 +1524,40 @@ def train_and_evaluate(
             step_metrics,
             before,
             f"{phase} {cycle}" if phase == "cycle" else phase,
-            f"{checkpoint_dir / 'game'} (step {managers['game'].latest_step()})",
+            f"{checkpoint_dir / 'game'} (step {game_manager.latest_step()})",
+            seeds=[run.seed for run in runs] if vmapped else None,
         )
-        evaluation = evaluate(state)
+        evaluations = evaluate(state)
         state, criteria = compiled.criteria(
             state,
-            evaluation["recall"],
-            evaluation["specificity"],
-            evaluation["target_adversarial_loss"],
-            evaluation[metric_name],
+            *(per_seed([evaluation[name] for evaluation in evaluations]) for name in evaluated[1:]),
             counters(state)["step"],
         )
         criteria = jax.device_get(criteria)
-        row = {
-            "phase": phase,
-            "cycle": cycle,
-            **counters(state),
-            **evaluation,
-            "confusion_score": float(criteria["confusion_score"]),
-            **{
-                f"{name}_train": float(np.mean(values))
-                for name, values in step_metrics.items()
-                if name in ("disc_loss", "disc_grad_norm", "target_loss", "target_grad_norm")
-            },
-            "disc_resets": int(state.disc_opt_state.reset_count),
-            "target_resets": int(state.target_opt_state.reset_count),
-            "seconds": time.time() - phase_start,  # the phase's steps and evaluation
-        }
-        for name in ("confusion", "best_loss", "highest_peak"):
-            if criteria[name]:
-                save_criterion(name, state, row)
-        if primary:
-            with open(metrics_path, "a") as metrics_file:
-                metrics_file.write(json.dumps(_jsonable(row)) + "\n")
-        last_row = _jsonable(row)
+        for i, (run, evaluation) in enumerate(zip(runs, evaluations, strict=True)):
+            seed_criteria = take(criteria, i)
+            row = {
+                "phase": phase,
+                "cycle": cycle,
+                **counters(state),
+                **evaluation,
+                "confusion_score": float(seed_criteria["confusion_score"]),
+                **{
+                    f"{name}_train": float(np.mean(values if not vmapped else values[:, i]))
+                    for name, values in step_metrics.items()
+                    if name in ("disc_loss", "disc_grad_norm", "target_loss", "target_grad_norm")
+                },
+                "disc_resets": seed_int(state.disc_opt_state.reset_count, i),
+                "target_resets": seed_int(state.target_opt_state.reset_count, i),
+                "seconds": time.time() - phase_start,  # the phase's steps and evaluation
+            }
+            for name in ("confusion", "best_loss", "highest_peak"):
+                if seed_criteria[name]:
+                    save_criterion(run, name, take(state, i), row)
+            if primary:
+                with open(run.metrics_path, "a") as metrics_file:
+                    metrics_file.write(json.dumps(_jsonable(row)) + "\n")
+            run.last_row = _jsonable(row)
         history_rows += 1
         completed_phases += 1
         if completed_phases % config.checkpoint_every_cycles == 0 or completed_phases == len(
@@ -1400,17 +1565,14 @@ def train_and_evaluate(
         ):
             save_game(state, completed_phases, history_rows)
         progress.update(1)
-        score = row["confusion_score"]
         progress.set_postfix(
-            cycle=cycle,
-            disc_loss=f"{row['disc_loss']:.3f}",
-            confusion="-" if math.isnan(score) else f"{score:.3f}",
-            **{metric_name: f"{row[metric_name]:.3f}"},
+            cycle=cycle, **_progress_fields([run.last_row for run in runs], metric_name)
         )
         if cycle_hook is not None:
             cycle_hook(completed_phases)
     progress.close()
-    save_criterion("latest", state, last_row)
+    for i, run in enumerate(runs):
+        save_criterion(run, "latest", take(state, i), run.last_row)
     train_seconds = time.time() - start_time
 
     def scores(variables: Any, arrays: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
@@ -1421,58 +1583,124 @@ def train_and_evaluate(
                 variables,
                 arrays[split]["image"],
                 config.eval_batch_size,
-                compiled.batched,
+                compiled.examples,
             )
             result[split] = task.evaluate(outputs, arrays[split])
             if split == "test" and hasattr(task, "per_image"):  # optional in the Task protocol
                 result["test_per_image"] = task.per_image(outputs, arrays[split])
         return result
 
-    criteria_results, not_reached = {}, []
-    for name in CRITERIA:
-        manager = managers[name]
-        if manager.latest_step() is None:
-            not_reached.append(name)
-            continue
-        variables, meta = _restore(manager, state.target_variables())
-        variables = _put(variables, compiled.replicated)
-        criteria_results[name] = {
-            "step": meta["step"],
-            "cycle": meta["cycle"],
-            "disc_steps": meta["disc_steps"],
-            "target_steps": meta["target_steps"],
-            **scores(variables, data.target),
-            "selection": {
-                "confusion_score": meta.get("confusion_score"),
-                "target_adversarial_loss": meta.get("target_adversarial_loss"),
-                metric_name: meta.get(metric_name),
-            },
+    all_results = []
+    for i, run in enumerate(runs):
+        criteria_results, not_reached = {}, []
+        for name in CRITERIA:
+            manager = run.managers[name]
+            if manager.latest_step() is None:
+                not_reached.append(name)
+                continue
+            variables, meta = _restore(manager, take(state, i).target_variables())
+            variables = _put(variables, compiled.replicated)
+            criteria_results[name] = {
+                "step": meta["step"],
+                "cycle": meta["cycle"],
+                "disc_steps": meta["disc_steps"],
+                "target_steps": meta["target_steps"],
+                **scores(variables, data.target),
+                "selection": {
+                    "confusion_score": meta.get("confusion_score"),
+                    "target_adversarial_loss": meta.get("target_adversarial_loss"),
+                    metric_name: meta.get(metric_name),
+                },
+            }
+            if name == "highest_peak":
+                criteria_results[name]["oracle"] = True  # Chosen with target labels: a ceiling.
+        source_scores = scores(take(source_variables, i), data.source)
+        results = {
+            "pair": _pair_name(config),
+            "scheme": config.scheme,
+            "seed": run.seed,
+            "primary_metric": task.primary_metric,
+            "criteria": criteria_results,
+            "criteria_not_reached": not_reached,
+            "source_test": source_scores["test"],
+            "source_val": source_scores["val"],
+            "data": counts,
+            "cycles": num_cycles,
+            "disc_steps": seed_int(state.disc_steps, i),
+            "target_steps": seed_int(state.target_steps, i),
+            "devices": len(mesh.devices.ravel()),
+            "hosts": jax.process_count(),
+            "wall_time_s": train_seconds,
         }
-        if name == "highest_peak":
-            criteria_results[name]["oracle"] = True  # Chosen with target labels: a ceiling only.
-    source_scores = scores(source_variables, data.source)
-    source_domain = config.data.get("source_modality", "source")
-    target_domain = config.data.get("target_modality", "target")
-    results = {
-        "pair": f"{source_domain}->{target_domain}",
+        if vmapped:
+            results["num_seeds_together"] = num_seeds  # trained in one program with others
+        all_results.append(results)
+        if primary:
+            _write_results(run.workdir, results, counts, train_seconds)
+            train_segment.report_line(_summary_line(results, run.workdir), config.progress_bar)
+    for manager in [game_manager, *(m for run in runs for m in run.managers.values())]:
+        manager.close()
+    if not vmapped:
+        return all_results[0]
+    summary = {
+        "pair": _pair_name(config),
         "scheme": config.scheme,
-        "seed": config.seed,
-        "primary_metric": task.primary_metric,
-        "criteria": criteria_results,
-        "criteria_not_reached": not_reached,
-        "source_test": source_scores["test"],
-        "source_val": source_scores["val"],
-        "data": counts,
-        "cycles": num_cycles,
-        "disc_steps": int(state.disc_steps),
-        "target_steps": int(state.target_steps),
+        "num_seeds": num_seeds,
+        "seeds": {
+            str(results["seed"]): {
+                "source_test": results["source_test"],
+                "criteria": {
+                    name: {"test": scored["test"], "val": scored["val"], "step": scored["step"]}
+                    for name, scored in results["criteria"].items()
+                },
+            }
+            for results in all_results
+        },
+        "seed_workdirs": [run.workdir.name for run in runs],
         "devices": len(mesh.devices.ravel()),
         "hosts": jax.process_count(),
         "wall_time_s": train_seconds,
     }
     if primary:
-        (workdir / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
-        provenance.add(workdir / "provenance.json", {"data": counts, "wall_time_s": train_seconds})
-    for manager in managers.values():
-        manager.close()
-    return results
+        _write_results(workdir, summary, counts, train_seconds)
+    return summary
+
+
+def _pair_name(config: ml_collections.ConfigDict) -> str:
+    source_domain = config.data.get("source_modality", "source")
+    target_domain = config.data.get("target_modality", "target")
+    return f"{source_domain}->{target_domain}"
+
+
+def _write_results(folder: pathlib.Path, results: Mapping, counts: Mapping, seconds: float) -> None:
+    (folder / "results.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
+    provenance.add(folder / "provenance.json", {"data": counts, "wall_time_s": seconds})
+
+
+def _summary_line(results: Mapping[str, Any], folder: pathlib.Path) -> str:
+    """One line for the terminal: each criterion's target test score (the oracle marked)."""
+    metric = results["primary_metric"]
+    scored = ", ".join(
+        f"{name}{' (oracle)' if name == 'highest_peak' else ''} "
+        f"{results['criteria'][name]['test'][metric]:.3f}"
+        for name in CRITERIA
+        if name in results["criteria"]
+    )
+    return (
+        f"{results['pair']} {results['scheme']} seed {results['seed']}: target test {metric} "
+        f"{scored}; see {folder / 'results.json'}"
+    )
+
+
+def _progress_fields(rows: list[Mapping[str, Any]], metric_name: str) -> dict[str, str]:
+    """The progress bar's figures from each seed's latest row (space-separated over seeds)."""
+
+    def joined(name: str) -> str:
+        values = [row.get(name) for row in rows]
+        return " ".join("-" if value is None else f"{value:.3f}" for value in values)
+
+    return {
+        "disc_loss": joined("disc_loss"),
+        "confusion": joined("confusion_score"),
+        metric_name: joined(metric_name),
+    }

@@ -9,6 +9,10 @@ Read top to bottom: the model, the state, the jit-compiled steps, evaluation, th
   results.json                   {"test": {...}, "val": {...}, "best_epoch": ...,
                                   "baseline_threshold": {...}}
   training_curves.png, segmentation_examples.png (thesis Figure 15-2)
+
+Devices: the batch is split over a 1-D `jax.sharding.Mesh` of the first `config.num_devices` local
+devices (0: all; parameters replicated), so BatchNorm statistics and the loss are over the global
+batch and the steps compute what one device computes, up to the order of float sums.
 """
 
 import functools
@@ -18,7 +22,7 @@ import pathlib
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -31,6 +35,8 @@ import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
 from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from data_pipeline import loader
 from sarcoma_jax import baseline, figures, input_pipeline, metrics, models, provenance
@@ -43,6 +49,7 @@ RESUMABLE_CONFIG_CHANGES = (
     "checkpoint_every_steps",
     "num_epochs",
 )
+BATCH_AXIS = "batch"
 
 
 class TrainState(train_state.TrainState):
@@ -265,6 +272,48 @@ def evaluate(
     return split_metrics, probs
 
 
+def mesh_devices(config: ml_collections.ConfigDict) -> list:
+    """The first `config.num_devices` local devices (0 or unset: all of them).
+
+    Raises:
+      ConfigError: more devices asked for than there are.
+    """
+    devices = jax.local_devices()
+    num_devices = config.get("num_devices", 0)
+    if num_devices:
+        if num_devices > len(devices):
+            raise input_pipeline.ConfigError(
+                f"config.num_devices {num_devices} but only {len(devices)} local devices"
+            )
+        devices = devices[:num_devices]
+    return devices
+
+
+def check_batch_split(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ConfigError unless config.batch_size and eval_batch_size split evenly over
+    `num_devices` devices."""
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % num_devices:
+            raise input_pipeline.ConfigError(
+                f"config.{name} {config[name]} must be divisible by the {num_devices} devices "
+                "the batch is split over (or set config.num_devices)"
+            )
+
+
+class Shardings(NamedTuple):
+    """Where the state and the batches go: `replicated` (state, parameters) and `batched`
+    (batches split along their batch axis; with seeds, the axis after the seed axis)."""
+
+    replicated: NamedSharding
+    batched: NamedSharding
+
+
+def shardings(config: ml_collections.ConfigDict, seed_axis: bool = False) -> Shardings:
+    mesh = Mesh(np.asarray(mesh_devices(config)), (BATCH_AXIS,))
+    batched = P(None, BATCH_AXIS) if seed_axis else P(BATCH_AXIS)
+    return Shardings(NamedSharding(mesh, P()), NamedSharding(mesh, batched))
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks everything that can be checked without data or compute.
 
@@ -298,6 +347,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for name in ("batch_size", "eval_batch_size", "num_epochs"):
         if config[name] < 1:
             raise error(f"config.{name} must be >= 1, got {config[name]}")
+    if config.get("num_devices", 0) < 0:
+        raise error(f"config.num_devices must be >= 0, got {config.num_devices}")
+    check_batch_split(config, len(mesh_devices(config)))
     if config.bn_recalibration_batches < 0:
         raise error(
             f"config.bn_recalibration_batches must be >= 0, got {config.bn_recalibration_batches}"
@@ -386,7 +438,7 @@ def _example_indices(masks: np.ndarray, count: int) -> np.ndarray:
     return np.unique(np.linspace(0, masks.shape[0] - 1, min(count, masks.shape[0])).astype(int))
 
 
-def _report(message: str, show: bool) -> None:
+def report_line(message: str, show: bool) -> None:
     """Logs a line, and shows it under the progress bar when there is one."""
     logging.info(message)
     if show:
@@ -430,14 +482,21 @@ def train_and_evaluate(
     logging.info("data (tumour slices / patients): %s", counts)
 
     model = create_model(config.model)
+    placement = shardings(config)
     state = create_train_state(
         jax.random.PRNGKey(config.seed),
         model,
         train_data["image"].shape[1:],
         create_optimizer(config.optimizer),
     )
-    train_fn = jax.jit(train_step, donate_argnums=0)
-    eval_fn, stats_fn = _eval_functions(config, model)
+    state = jax.device_put(state, placement.replicated)
+    train_fn = jax.jit(
+        train_step,
+        in_shardings=(placement.replicated, placement.batched),
+        out_shardings=(placement.replicated, placement.replicated),
+        donate_argnums=0,
+    )
+    eval_fn, stats_fn = _eval_functions(config, model, shardings(config))
 
     latest_manager = _checkpoint_manager(workdir / "checkpoints" / "latest")
     best_manager = _checkpoint_manager(workdir / "checkpoints" / "best")
@@ -452,6 +511,7 @@ def train_and_evaluate(
     }
     if latest_manager.latest_step() is not None:
         state, loop_state = _restore(latest_manager, state)
+        state = jax.device_put(state, placement.replicated)
         train_iterator.set_state(loop_state.pop("train_iterator"))
         logging.info("resumed from step %d in %s", int(state.step), workdir)
     history = loop_state["history"]
@@ -483,16 +543,26 @@ def train_and_evaluate(
         if step % steps_per_epoch == 0:
             epoch = step // steps_per_epoch
             eval_state, val_metrics, row = _validate_epoch(
-                config, eval_fn, stats_fn, state, splits, config.seed,
-                {"epoch": epoch, "step": step, "train_loss": float(loss_sum) / steps_per_epoch,
-                 "train_grad_norm": float(grad_norm_sum) / steps_per_epoch},
-                history, workdir / "metrics.jsonl",
+                config,
+                eval_fn,
+                stats_fn,
+                state,
+                splits,
+                config.seed,
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "train_loss": float(loss_sum) / steps_per_epoch,
+                    "train_grad_norm": float(grad_norm_sum) / steps_per_epoch,
+                },
+                history,
+                workdir / "metrics.jsonl",
             )
             loss_sum = jnp.zeros((), jnp.float32)
             grad_norm_sum = jnp.zeros((), jnp.float32)
             val_f1_text = f"{val_metrics['f1']:.3f}"
             progress.set_postfix(loss=f"{row['train_loss']:.1f}", val_f1=val_f1_text)
-            _report(
+            report_line(
                 f"epoch {epoch}: train loss {row['train_loss']:.1f}, val loss "
                 f"{val_metrics['loss']:.1f}, val F1 {val_metrics['f1']:.3f}, "
                 f"AUC {val_metrics['auc']:.3f}",
@@ -521,7 +591,15 @@ def train_and_evaluate(
 
     latest_manager.close()
     results = _finish(
-        config, workdir, state, best_manager, eval_fn, splits, counts, total_steps, history,
+        config,
+        workdir,
+        state,
+        best_manager,
+        eval_fn,
+        splits,
+        counts,
+        total_steps,
+        history,
         train_seconds,
     )
     return results
@@ -541,14 +619,19 @@ def _open_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list:
 
 
 def _eval_functions(
-    config: ml_collections.ConfigDict, model: nn.Module
+    config: ml_collections.ConfigDict, model: nn.Module, placement: Shardings
 ) -> tuple[Callable, Callable]:
-    """The jit-compiled evaluation step and BatchNorm-statistics step of `model`."""
+    """The jit-compiled evaluation step and BatchNorm-statistics step of `model` (one seed's
+    state, batches split over the devices)."""
+    in_shardings = (placement.replicated, placement.batched)
     eval_fn = jax.jit(
-        functools.partial(eval_step, batch_stats_at_eval=config.model.eval_batch_stats)
+        functools.partial(eval_step, batch_stats_at_eval=config.model.eval_batch_stats),
+        in_shardings=in_shardings,
     )
     stats_fn = jax.jit(
-        functools.partial(batch_stats_step, stats_apply_fn=model.clone(bn_momentum=0.0).apply)
+        functools.partial(batch_stats_step, stats_apply_fn=model.clone(bn_momentum=0.0).apply),
+        in_shardings=in_shardings,
+        out_shardings=placement.replicated,
     )
     return eval_fn, stats_fn
 
@@ -593,6 +676,7 @@ def _finish(
     """Scores a finished run's best state on val and test; writes results.json and figures."""
     train_data, val_data, test_data = splits["train"], splits["val"], splits["test"]
     best_state, best_loop = _restore(best_manager, state)
+    best_state = jax.device_put(best_state, jax.tree.leaves(state)[0].sharding)
     val_metrics, _ = evaluate(eval_fn, best_state, val_data, config.eval_batch_size)
     test_metrics, test_probs = evaluate(eval_fn, best_state, test_data, config.eval_batch_size)
     threshold_rule = baseline.fit_intensity_threshold(
@@ -618,6 +702,7 @@ def _finish(
         "data": counts,
         "epochs": config.num_epochs,
         "steps": total_steps,
+        "devices": len(mesh_devices(config)),
         "train_wall_time_s": train_seconds,
     }
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -637,7 +722,7 @@ def _finish(
         workdir / "provenance.json", {"data": counts, "train_wall_time_s": train_seconds}
     )
     best_manager.close()
-    _report(
+    report_line(
         f"best epoch {results['best_epoch']}: test F1 {test_metrics['f1']:.3f}, accuracy "
         f"{test_metrics['accuracy']:.3f}, AUC {test_metrics['auc']:.3f}; intensity threshold: test "
         f"F1 {results['baseline_threshold']['test']['f1']:.3f}; see {workdir / 'results.json'}",
@@ -690,14 +775,21 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     splits, counts = _load_splits(config, records)
     train_data = splits["train"]
     model = create_model(config.model)
+    placement = shardings(config, seed_axis=True)
     states = create_train_states(
         jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]),
         model,
         train_data["image"].shape[1:],
         create_optimizer(config.optimizer),
     )
-    train_fn = jax.jit(jax.vmap(train_step), donate_argnums=0)
-    eval_fn, stats_fn = _eval_functions(config, model)
+    states = jax.device_put(states, placement.replicated)
+    train_fn = jax.jit(
+        jax.vmap(train_step),
+        in_shardings=(placement.replicated, placement.batched),
+        out_shardings=(placement.replicated, placement.replicated),
+        donate_argnums=0,
+    )
+    eval_fn, stats_fn = _eval_functions(config, model, shardings(config))
     iterators = [loader.train_batches(train_data, config.batch_size, seed=seed) for seed in seeds]
     best_managers = [_checkpoint_manager(d / "checkpoints" / "best") for d in seed_dirs]
     histories: list[list[dict]] = [[] for _ in seeds]
@@ -730,10 +822,20 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         for i, seed in enumerate(seeds):
             state = jax.tree.map(lambda leaf, i=i: leaf[i], states)
             eval_state, val_metrics, _ = _validate_epoch(
-                config, eval_fn, stats_fn, state, splits, seed,
-                {"epoch": epoch, "step": step, "train_loss": float(epoch_losses[i]),
-                 "train_grad_norm": float(epoch_grad_norms[i])},
-                histories[i], seed_dirs[i] / "metrics.jsonl",
+                config,
+                eval_fn,
+                stats_fn,
+                state,
+                splits,
+                seed,
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "train_loss": float(epoch_losses[i]),
+                    "train_grad_norm": float(epoch_grad_norms[i]),
+                },
+                histories[i],
+                seed_dirs[i] / "metrics.jsonl",
             )
             if val_metrics["f1"] > best_val_f1[i]:
                 best_val_f1[i] = val_metrics["f1"]
@@ -748,14 +850,23 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     per_seed = {}
     for i, seed in enumerate(seeds):
         results = _finish(
-            seed_configs[i], seed_dirs[i], template, best_managers[i], eval_fn, splits, counts,
-            total_steps, histories[i], train_seconds,
+            seed_configs[i],
+            seed_dirs[i],
+            template,
+            best_managers[i],
+            eval_fn,
+            splits,
+            counts,
+            total_steps,
+            histories[i],
+            train_seconds,
         )
         per_seed[str(seed)] = {key: results[key] for key in ("best_epoch", "val", "test")}
     summary = {
         "modality": config.data.modality,
         "num_seeds": len(seeds),
         "seeds": per_seed,
+        "devices": len(mesh_devices(config)),
         "train_wall_time_s": train_seconds,
         "seed_workdirs": [d.name for d in seed_dirs],
     }

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 
+import forced_devices  # tests/
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ from absl.testing import absltest, parameterized
 
 from configs import adda, adda_base, adda_ct_pt, adda_t2_ct, adda_t2_pt
 from data_pipeline import loader
-from sarcoma_jax import models, train_adda
+from sarcoma_jax import models, report, train_adda
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 16
@@ -170,9 +171,31 @@ main.initialize_distributed(config)
 import jax
 from sarcoma_jax import train_adda
 assert (jax.process_count(), jax.device_count()) == (2, 4), jax.devices()
-results = train_adda.train_and_evaluate(config, sys.argv[4], task=t.ToyTask())
+kill_after = int(sys.argv[5])
+
+
+def hook(completed_phases):
+    if completed_phases == kill_after:
+        sys.exit(3)  # both hosts killed after the same phase
+
+
+results = train_adda.train_and_evaluate(config, sys.argv[4], task=t.ToyTask(), cycle_hook=hook)
 print(json.dumps({"devices": results["devices"], "hosts": results["hosts"]}))
 """
+
+
+class Killed(Exception):
+    """A simulated kill (raised by `kill_after`)."""
+
+
+def kill_after(phases: int):
+    """A cycle_hook that kills the run once `phases` phases are complete."""
+
+    def hook(completed_phases):
+        if completed_phases == phases:
+            raise Killed
+
+    return hook
 
 
 class ToyGameTest(absltest.TestCase):
@@ -292,15 +315,8 @@ class ToyGameTest(absltest.TestCase):
     def test_killed_run_resumes_to_the_same_result(self):
         workdir = pathlib.Path(self.tmp.name) / "killed"
 
-        class Killed(Exception):
-            pass
-
-        def kill_after_two_phases(completed_phases):
-            if completed_phases == 2:
-                raise Killed
-
         with self.assertRaises(Killed):
-            run_toy(workdir, cycle_hook=kill_after_two_phases)
+            run_toy(workdir, cycle_hook=kill_after(2))
         self.assertFalse((workdir / "results.json").exists())
         results = run_toy(workdir)
         self.assertEqual(without_wall_time(results), without_wall_time(self.reference))
@@ -310,6 +326,57 @@ class ToyGameTest(absltest.TestCase):
             final_target_params(workdir),
             final_target_params(self.reference_dir),
         )
+
+    def test_num_seeds_plays_each_seed_as_its_single_run(self):
+        # Two seeds in one vmapped program, killed after two phases and resumed: each seed's
+        # folder holds the run a single run of that seed gives (up to float reassociation).
+        workdir = pathlib.Path(self.tmp.name) / "seeds"
+
+        with self.assertRaises(Killed):
+            run_toy(workdir, cycle_hook=kill_after(2), num_seeds=2)
+        summary = run_toy(workdir, num_seeds=2)
+        single_dir = pathlib.Path(self.tmp.name) / "seed_1_alone"
+        single = {0: self.reference, 1: run_toy(single_dir, seed=1)}
+        single_rows = {0: self.reference_rows, 1: read_rows(single_dir)}
+        self.assertEqual(summary["num_seeds"], 2)
+        self.assertEqual(summary["seed_workdirs"], ["seed_0", "seed_1"])
+        for seed in (0, 1):
+            seed_dir = workdir / f"seed_{seed}"
+            assert_rows_close(self, read_rows(seed_dir), single_rows[seed], rtol=1e-4)
+            results = json.loads((seed_dir / "results.json").read_text())
+            self.assertEqual(results["seed"], seed)
+            self.assertEqual(results["num_seeds_together"], 2)
+            self.assertEqual(set(results["criteria"]), set(single[seed]["criteria"]))
+            for name, scored in results["criteria"].items():
+                self.assertEqual(scored["step"], single[seed]["criteria"][name]["step"], name)
+                np.testing.assert_allclose(
+                    scored["test"]["f1"], single[seed]["criteria"][name]["test"]["f1"], atol=1e-3
+                )
+                self.assertEqual(
+                    summary["seeds"][str(seed)]["criteria"][name]["test"], scored["test"]
+                )
+            config = json.loads((seed_dir / "config.json").read_text())
+            self.assertEqual((config["seed"], config["num_seeds"]), (seed, 1))
+        self.assertNotEqual(read_rows(workdir / "seed_0"), read_rows(workdir / "seed_1"))
+        # The report reads a num_seeds run as its seeds' runs.
+        runs, _ = report.load_runs([workdir])
+        self.assertEqual(sorted(run.seed for run in runs), [0, 1])
+
+    def test_non_finite_loss_of_one_seed_names_it(self):
+        step_metrics = {  # (steps, seeds)
+            "disc_loss": np.array([[0.7, 0.7], [0.6, np.nan], [np.nan, np.nan]], np.float32),
+        }
+        with self.assertRaisesRegex(
+            train_adda.NonFiniteLossError,
+            "^seed 4: non-finite discriminator loss at discriminator step 32 \\(cycle 6\\)",
+        ):
+            train_adda._check_finite(
+                step_metrics,
+                {"disc_steps": 30, "target_steps": 10},
+                "cycle 6",
+                "W (step 40)",
+                seeds=[3, 4],
+            )
 
     def test_discriminator_without_normalisation(self):
         # norm='none' (models.LogitMapDiscriminator): no batch statistics anywhere; the game runs,
@@ -379,19 +446,12 @@ class ToyGameTest(absltest.TestCase):
             )
 
     def test_four_devices_give_the_loss_trajectory_of_one(self):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-        env["JAX_PLATFORMS"] = "cpu"
-        env["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE.name
-        process = subprocess.run(
-            [sys.executable, "-c", _DEVICES_SCRIPT, str(REPO_ROOT / "tests")],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        output = forced_devices.run_json_script(
+            _DEVICES_SCRIPT,
+            [],
+            num_devices=4,
+            env={"JAX_COMPILATION_CACHE_DIR": _COMPILATION_CACHE.name},
         )
-        self.assertEqual(process.returncode, 0, process.stderr[-3000:])
-        output = json.loads(process.stdout.strip().splitlines()[-1])
         self.assertEqual(output["devices"], 4)
         # Same batches, BatchNorm statistics and losses over the global batch: equal up to the
         # order of float sums.
@@ -400,38 +460,47 @@ class ToyGameTest(absltest.TestCase):
 
     def test_two_hosts_give_the_loss_trajectory_of_one(self):
         # Two processes of two CPU devices each, joined by jax.distributed (Gloo): the mesh spans
-        # four devices on two hosts; the rows equal the one-device run's as with four local ones.
+        # four devices on two hosts. Both are killed after two phases and started again; the
+        # resumed run's rows equal the one-device run's as with four local devices.
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
         env["JAX_PLATFORMS"] = "cpu"
         env["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE.name
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-        with socket.socket() as probe:  # a free port for the coordinator
-            probe.bind(("localhost", 0))
-            port = probe.getsockname()[1]
         workdir = pathlib.Path(self.tmp.name) / "two_hosts"
-        hosts = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    _HOSTS_SCRIPT,
-                    str(REPO_ROOT / "tests"),
-                    str(port),
-                    str(process_id),
-                    str(workdir),
-                ],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for process_id in (0, 1)
-        ]
-        outputs = [host.communicate(timeout=600) for host in hosts]
-        for host, (_, stderr) in zip(hosts, outputs, strict=True):
-            self.assertEqual(host.returncode, 0, stderr[-3000:])
-        for stdout, _ in outputs:
+
+        def launch(kill_after: int) -> list[tuple[int, str, str]]:
+            with socket.socket() as probe:  # a free port for the coordinator
+                probe.bind(("localhost", 0))
+                port = probe.getsockname()[1]
+            hosts = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        _HOSTS_SCRIPT,
+                        str(REPO_ROOT / "tests"),
+                        str(port),
+                        str(process_id),
+                        str(workdir),
+                        str(kill_after),
+                    ],
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for process_id in (0, 1)
+            ]
+            outputs = [host.communicate(timeout=600) for host in hosts]
+            return [(host.returncode, *output) for host, output in zip(hosts, outputs, strict=True)]
+
+        for returncode, _, stderr in launch(kill_after=2):
+            self.assertEqual(returncode, 3, stderr[-3000:])
+        self.assertFalse((workdir / "results.json").exists())
+        self.assertLen(read_rows(workdir), 3)  # before DA, initial discriminator steps, cycle 1
+        for returncode, stdout, stderr in launch(kill_after=0):
+            self.assertEqual(returncode, 0, stderr[-3000:])
             self.assertEqual(
                 json.loads(stdout.strip().splitlines()[-1]), {"devices": 4, "hosts": 2}
             )
@@ -559,6 +628,42 @@ class PhantomSegmentationTest(absltest.TestCase):
             config.data.source_modality = "T1"
             with self.assertRaisesRegex(train_adda.ConfigError, "is a CT segmentation run"):
                 train_adda.validate_config(config, train_adda.SegmentationTask())
+
+    def test_num_seeds_trains_the_source_maps_together(self):
+        config = adda_ct_pt.get_config("smoke")
+        config.progress_bar = False
+        config.data.phantom_patients = 4
+        config.model.depth = 2
+        config.model.base_filters = 2
+        config.source.num_epochs = 1
+        config.target_epochs = 0.5
+        config.num_seeds = 2
+        config.seed = 3
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = pathlib.Path(tmp) / "seeds"
+            summary = train_adda.train_and_evaluate(config, workdir)
+            self.assertEqual(sorted(summary["seeds"]), ["3", "4"])
+            # One vmapped segmentation run trained both source maps (train_segment num_seeds).
+            source_config = json.loads((workdir / "source" / "config.json").read_text())
+            self.assertEqual((source_config["seed"], source_config["num_seeds"]), (3, 2))
+            for seed in (3, 4):
+                seed_dir = workdir / f"seed_{seed}"
+                seed_config = json.loads((seed_dir / "config.json").read_text())
+                self.assertEqual(seed_config["seed"], seed)
+                self.assertEqual(seed_config["source"]["seed"], seed)
+                self.assertEqual(
+                    seed_config["source_checkpoint"], str(workdir / "source" / f"seed_{seed}")
+                )
+                source = json.loads(
+                    (workdir / "source" / f"seed_{seed}" / "results.json").read_text()
+                )
+                results = json.loads((seed_dir / "results.json").read_text())
+                np.testing.assert_allclose(
+                    results["source_test"]["f1"], source["test"]["f1"], rtol=1e-5
+                )
+            self.assertNotEqual(
+                summary["seeds"]["3"]["source_test"], summary["seeds"]["4"]["source_test"]
+            )
 
 
 class DiscriminatorEvaluationTest(absltest.TestCase):

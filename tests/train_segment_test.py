@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 import flax.linen as nn
+import forced_devices  # tests/
 import jax
 import numpy as np
 from absl.testing import absltest
@@ -241,6 +242,60 @@ class NumSeedsTest(absltest.TestCase):
         config.num_seeds = 0
         with self.assertRaisesRegex(input_pipeline.ConfigError, "num_seeds must be >= 1"):
             train_segment.train_and_evaluate(config, "/tmp/never_written")
+
+
+_DEVICES_SCRIPT = """
+import json, pathlib, sys
+sys.path.insert(0, sys.argv[1])
+import jax
+import train_segment_test as t
+from sarcoma_jax import train_segment
+assert jax.local_device_count() == 4, jax.devices()
+tmp = pathlib.Path(sys.argv[2])
+output = {}
+for name, num_devices, num_seeds in (("one", 1, 1), ("four", 4, 1), ("four_seeds", 4, 2)):
+    config = t.tiny_config(tmp / "index")
+    config.batch_size, config.num_devices, config.num_seeds = 4, num_devices, num_seeds
+    summary = train_segment.train_and_evaluate(config, tmp / name)
+    run = tmp / name / ("seed_0" if num_seeds > 1 else "")
+    output[name] = {
+        "devices": summary["devices"],
+        "rows": [json.loads(line) for line in (run / "metrics.jsonl").open()],
+        "test": json.loads((run / "results.json").read_text())["test"],
+    }
+config = t.tiny_config(tmp / "index")
+config.batch_size = 5
+try:
+    train_segment.train_and_evaluate(config, tmp / "odd")
+except train_segment.input_pipeline.ConfigError as error:
+    output["odd_batch_error"] = str(error)
+print(json.dumps(output))
+"""
+
+
+class DevicesTest(absltest.TestCase):
+    def test_four_devices_give_the_loss_trajectory_of_one(self):
+        # Data parallel over 4 (forced) CPU devices: the batch of 4 is split, BatchNorm
+        # statistics and the loss are over the global batch, so every epoch's numbers equal the
+        # one-device run's up to the order of float sums; with seeds as well.
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix="devices_test_"))
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+        write_tiny_index(tmp / "index")
+        output = forced_devices.run_json_script(_DEVICES_SCRIPT, [str(tmp)], num_devices=4)
+        self.assertEqual(
+            [output[name]["devices"] for name in ("one", "four", "four_seeds")], [1, 4, 4]
+        )
+        for name in ("four", "four_seeds"):
+            rows, reference = output[name]["rows"], output["one"]["rows"]
+            self.assertEqual([sorted(row) for row in rows], [sorted(row) for row in reference])
+            for row, reference_row in zip(rows, reference, strict=True):
+                for key, value in row.items():
+                    np.testing.assert_allclose(
+                        value, reference_row[key], rtol=1e-4, atol=1e-6, err_msg=f"{name} {key}"
+                    )
+            for key, value in output[name]["test"].items():
+                np.testing.assert_allclose(value, output["one"]["test"][key], rtol=1e-4, atol=1e-6)
+        self.assertIn("divisible by the 4 devices", output["odd_batch_error"])
 
 
 class _OneBatchNorm(nn.Module):
