@@ -4,6 +4,7 @@
 python benchmarks/seeds.py [--seeds 4] [--config configs/segment_pt.py] [--image_size 64]
                            [--epochs 3]
 python benchmarks/seeds.py --config configs/adda_ct_pt.py [--target_epochs 1]
+python benchmarks/seeds.py --per_step      # one step: single seed, jax.vmap, unrolled
 
 Runs, in this one process and on the same (phantom, by default) data:
   N = 1      train_and_evaluate with num_seeds=1 (seed 0), timed
@@ -19,13 +20,18 @@ game with its evaluations (results' wall_time_s); the whole run adds scoring the
 """
 
 import argparse
+import functools
 import importlib.util
 import pathlib
 import sys
 import tempfile
 import time
 
-from sarcoma_jax import train_adda, train_segment
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sarcoma_jax import seed_map, train_adda, train_segment
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,6 +55,83 @@ def timed_run(config, workdir: pathlib.Path) -> tuple[float, float]:
     return time.perf_counter() - start, float(results["train_wall_time_s"])
 
 
+def _median_seconds(function, args, repeats: int) -> float:
+    """Median wall time of `function(*args)` after two warm-up calls (state threaded through)."""
+    state, *rest = args
+    for _ in range(2):
+        state, outputs = function(state, *rest)
+        jax.block_until_ready(outputs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, outputs = function(state, *rest)
+        jax.block_until_ready(outputs)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def per_step(image_size: int, num_seeds: int, repeats: int) -> None:
+    """One step of one seed against one step of `num_seeds` seeds, by jax.vmap and unrolled:
+    the segmentation train step (configs/segment_pt.py) and the ADDA discriminator and target
+    steps (configs/adda_ct_pt.py), batch 5, random inputs."""
+    segment_config = load_config("configs/segment_pt.py")
+    model = train_segment.create_model(segment_config.model)
+    optimizer = train_segment.create_optimizer(segment_config.optimizer)
+    shape = (image_size, image_size, 1)
+    keys = jnp.stack([jax.random.PRNGKey(seed) for seed in range(num_seeds)])
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.uniform(size=(5, *shape)).astype(np.float32),
+        "mask": (rng.uniform(size=(5, *shape)) > 0.8).astype(np.uint8),
+    }
+
+    def stacked(tree):
+        return jax.tree.map(lambda leaf: np.stack([leaf] * num_seeds), tree)
+
+    cases = [
+        (
+            "segmentation train step",
+            train_segment.train_step,
+            train_segment.create_train_state(keys[0], model, shape, optimizer),
+            train_segment.create_train_states(keys, model, shape, optimizer),
+            (batch,),
+        )
+    ]
+    adda_config = load_config("configs/adda_ct_pt.py")
+    game = train_adda.create_game(adda_config)
+    source = dict(
+        jax.jit(lambda key: game.map_model.init(key, jnp.zeros((1, *shape)), train=False))(keys[0])
+    )
+    states = [train_adda.create_game_state(key, game, source, shape) for key in keys]
+    for name, step in (
+        ("ADDA discriminator step", train_adda.disc_step),
+        ("ADDA target step", train_adda.target_step),
+    ):
+        cases.append(
+            (
+                name,
+                functools.partial(step, game),
+                states[0],
+                jax.tree.map(lambda *leaves: jnp.stack(leaves), *states),
+                (source, batch["image"], batch["image"]),
+            )
+        )
+    print(f"one step, {image_size}x{image_size}, batch 5, {num_seeds} seeds, median of {repeats}:")
+    for name, step, state, seed_states, inputs in cases:
+        single = _median_seconds(jax.jit(step), (state, *inputs), repeats)
+        line = f"{name:26s} {num_seeds} x single {num_seeds * single * 1e3:7.1f} ms"
+        for vmap in (True, False):
+            mapped = seed_map.seed_map(
+                step, (0,) * (1 + len(inputs)), num_seeds=num_seeds, vmap=vmap
+            )
+            seconds = _median_seconds(
+                jax.jit(mapped), (seed_states, *map(stacked, inputs)), repeats
+            )
+            label = "vmap" if vmap else "unrolled"
+            line += f", {label} {seconds * 1e3:7.1f} ms ({num_seeds * single / seconds:.2f}x)"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=4)
@@ -56,9 +139,23 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3, help="segmentation (or source) epochs")
     parser.add_argument("--target_epochs", type=float, default=1.0, help="ADDA only")
+    parser.add_argument(
+        "--vmap_seeds",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="config.vmap_seeds: jax.vmap or an unrolled loop over the seeds (auto: the default)",
+    )
+    parser.add_argument(
+        "--per_step",
+        action="store_true",
+        help="time single steps (one seed, vmap, unrolled) instead of whole runs",
+    )
     args = parser.parse_args()
     if args.seeds < 2:
         sys.exit("error: --seeds must be >= 2")
+    if args.per_step:
+        per_step(args.image_size, args.seeds, repeats=10)
+        return
     config = load_config(args.config)
     config.data.image_size = args.image_size
     config.progress_bar = False
@@ -81,9 +178,14 @@ def main() -> None:
         single_total, single_train = timed_run(config, pathlib.Path(tmp) / "single")
         vmapped = config.copy_and_resolve_references()
         vmapped.num_seeds = args.seeds
+        if args.vmap_seeds != "auto":
+            vmapped.vmap_seeds = args.vmap_seeds == "true"
         many_total, many_train = timed_run(vmapped, pathlib.Path(tmp) / "vmapped")
     n = args.seeds
-    print(f"{args.config} {args.image_size}x{args.image_size}, {budget}")
+    batching = "vmap" if seed_map.use_vmap(vmapped) else "unrolled"
+    print(
+        f"{args.config} {args.image_size}x{args.image_size}, {budget}, seeds batched by {batching}"
+    )
     rows = (("N = 1", 1, single_total, single_train), (f"N = {n}", n, many_total, many_train))
     for label, seeds, total, train in rows:
         print(

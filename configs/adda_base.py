@@ -89,6 +89,7 @@ def get_config(
     # > 1: seeds seed, seed + 1, ... played together by one vmapped program; each seed's run
     # (metrics, checkpoints, results) goes to <workdir>/seed_<s>/ (train_adda module docstring).
     config.num_seeds = 1
+    config.vmap_seeds = source_config.get_ref("vmap_seeds")  # see configs/segment_base.py
 
     # Shared with config.source.data: overriding one sets both.
     config.data = ml_collections.ConfigDict()

@@ -28,6 +28,7 @@ def get_config(arg: str | None = None, dataset: str = "svhn_mnist") -> ml_collec
     # > 1: seeds seed, seed + 1, ... played together by one vmapped program; each seed's run
     # (metrics, checkpoints, results) goes to <workdir>/seed_<s>/ (train_adda module docstring).
     config.num_seeds = 1
+    config.vmap_seeds = config_dict.placeholder(bool)  # see configs/segment_base.py
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = dataset  # 'svhn_mnist' (tfds) | 'offline' (SPEC §8)

@@ -31,6 +31,9 @@ def get_config(
     # > 1: seeds seed, seed + 1, ... trained together by one vmapped, jit-compiled step; each
     # seed's run (results, checkpoints, figures) goes to <workdir>/seed_<s>/.
     config.num_seeds = 1
+    # How the seeds are batched: True jax.vmap, False one traced copy per seed in the same program
+    # (same numbers); None: vmap except on CPU, where vmapped convolutions run 3-5x slower.
+    config.vmap_seeds = config_dict.placeholder(bool)
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "phantom"  # 'phantom' | 'dicom' (a DICOM root) | 'index' (ingested)

@@ -74,7 +74,8 @@ each host loads the same data and draws the same batches, and hands its own devi
 (`_put`); only the first host writes files (checkpoints are saved by all, as orbax requires).
 The whole game state is one pytree (`GameState`), so `config.num_seeds` > 1 plays the game of
 several seeds (config.seed, config.seed + 1, ...) in one program: the states are stacked and
-every step, cycle, evaluation and criterion update is vmapped over the seed axis; each seed has
+every step, cycle, evaluation and criterion update is mapped over the seed axis (`seed_map`:
+jax.vmap, or on CPU one traced copy per seed, `config.vmap_seeds`); each seed has
 its own data order, source map, metrics, criterion checkpoints and results in workdir/seed_<s>/
 (laid out like a single run; equal to one up to float reassociation), and workdir/results.json
 lists them.
@@ -93,7 +94,7 @@ Outputs in workdir:
   results.json                     {"criteria": {name: {"step", "test", "val", ...}},
                                     "source_test": ..., "source_val": ..., "scheme", "pair", ...}
 With num_seeds > 1: checkpoints/game holds the stacked state, source/ the seeds' source runs
-(one vmapped segmentation run), seed_<s>/ each seed's config, provenance, metrics.jsonl,
+(one num_seeds segmentation run), seed_<s>/ each seed's config, provenance, metrics.jsonl,
 checkpoints/<criterion>/ and results.json, and results.json lists the seeds.
 A run killed and started again with the same workdir resumes from checkpoints/game (the confusion
 window, criteria, reset counters, rng and data position are all in it) and ends with the same
@@ -129,7 +130,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from data_pipeline import datasets, loader
-from sarcoma_jax import confusion, input_pipeline, metrics, models, optim, provenance, train_segment
+from sarcoma_jax import (
+    confusion,
+    input_pipeline,
+    metrics,
+    models,
+    optim,
+    provenance,
+    seed_map,
+    train_segment,
+)
 
 SCHEMES = ("adda", "reset")
 CRITERIA = ("initial", "confusion", "best_loss", "latest", "highest_peak")
@@ -344,7 +354,7 @@ class SegmentationTask:
         workdir: pathlib.Path,
         seed_configs: list[ml_collections.ConfigDict],
     ) -> list[ml_collections.ConfigDict]:
-        """A `num_seeds` run's source maps: one vmapped segmentation run of all the seeds into
+        """A `num_seeds` run's source maps: one num_seeds segmentation run of all the seeds into
         workdir/source (train_segment, `num_seeds`), which each seed's config then names as its
         source_checkpoint (unless config.source_checkpoint already gives one to all)."""
         if config.source_checkpoint:
@@ -1087,7 +1097,7 @@ def _number_of_cycles(config: ml_collections.ConfigDict, num_target_train: int) 
 class _Compiled(NamedTuple):
     """The run's jit-compiled functions, with their shardings.
 
-    With seeds (`vmapped`), states, source variables and step inputs have a seed axis: a step's
+    With seeds (`with_seeds`), states, source variables and step inputs have a seed axis: a step's
     batch is (seeds, batch, ...), a phase's (steps, seeds, batch, ...), and per-step metrics come
     back (steps, seeds); val batches and `predict` (one seed's variables) have none.
     """
@@ -1106,8 +1116,10 @@ class _Compiled(NamedTuple):
     examples: NamedSharding  # `predict`'s images
 
 
-def _compile(game: Game, config: ml_collections.ConfigDict, mesh: Mesh, vmapped: bool) -> _Compiled:
-    seed_axis = (None,) if vmapped else ()
+def _compile(
+    game: Game, config: ml_collections.ConfigDict, mesh: Mesh, with_seeds: bool
+) -> _Compiled:
+    seed_axis = (None,) if with_seeds else ()
     replicated = NamedSharding(mesh, P())
     batched = NamedSharding(mesh, P(*seed_axis, BATCH_AXIS))
     stacked = NamedSharding(mesh, P(None, *seed_axis, BATCH_AXIS))
@@ -1115,8 +1127,14 @@ def _compile(game: Game, config: ml_collections.ConfigDict, mesh: Mesh, vmapped:
     examples = NamedSharding(mesh, P(BATCH_AXIS))
     state_and_metrics = (replicated, replicated)
 
+    num_seeds = config.get("num_seeds", 1)
+
     def over_seeds(function, in_axes, out_axes=0):
-        return jax.vmap(function, in_axes=in_axes, out_axes=out_axes) if vmapped else function
+        if not with_seeds:
+            return function
+        return seed_map.seed_map(
+            function, in_axes, out_axes, num_seeds=num_seeds, vmap=seed_map.use_vmap(config)
+        )
 
     # Phases: stacked images (steps, seeds, batch, ...) in, metrics (steps, seeds) out, as the
     # step-by-step path gives them.
@@ -1140,13 +1158,13 @@ def _compile(game: Game, config: ml_collections.ConfigDict, mesh: Mesh, vmapped:
             donate_argnums=0,
         ),
         disc_step=jax.jit(
-            over_seeds(functools.partial(disc_step, game), 0),
+            over_seeds(functools.partial(disc_step, game), (0, 0, 0, 0)),
             in_shardings=(replicated, replicated, batched, batched),
             out_shardings=state_and_metrics,
             donate_argnums=0,
         ),
         target_step=jax.jit(
-            over_seeds(functools.partial(target_step, game), 0),
+            over_seeds(functools.partial(target_step, game), (0, 0, 0, 0)),
             in_shardings=(replicated, replicated, batched, batched),
             out_shardings=state_and_metrics,
             donate_argnums=0,
@@ -1230,7 +1248,7 @@ def _check_finite(
     """Raises NonFiniteLossError at the first step with a non-finite loss or gradient.
 
     The discriminator steps of a phase come before its target steps, so they are checked first.
-    `seeds`: the seeds of a vmapped run, whose metrics are (steps, seeds); the message names the
+    `seeds`: the seeds of a num_seeds run, whose metrics are (steps, seeds); the message names the
     seeds that failed.
     """
     for prefix, network, counter in (
@@ -1305,7 +1323,7 @@ def train_and_evaluate(
     """Plays the ADDA game of `config`, then scores every stopping criterion on target test/val.
 
     With `config.num_seeds` > 1, plays seeds config.seed, config.seed + 1, ... together in one
-    vmapped program (module docstring); each seed's run goes to workdir/seed_<s>/.
+    compiled program (module docstring); each seed's run goes to workdir/seed_<s>/.
 
     Args:
       config: see configs/adda_base.py.
@@ -1331,8 +1349,8 @@ def train_and_evaluate(
         provenance.write(workdir / "provenance.json", provenance.collect(config, config.seed))
     start_time = time.time()
     num_seeds = config.get("num_seeds", 1)
-    vmapped = num_seeds > 1
-    if vmapped:
+    with_seeds = num_seeds > 1
+    if with_seeds:
         seed_configs = [seed_config(config, config.seed + i) for i in range(num_seeds)]
         seed_dirs = [workdir / f"seed_{single.seed}" for single in seed_configs]
     else:
@@ -1346,7 +1364,7 @@ def train_and_evaluate(
     logging.info("data (examples per split): %s", counts)
     input_shape = tuple(data.target["train"]["image"].shape[1:])
     game = create_game(config)
-    if vmapped:
+    if with_seeds:
         if hasattr(task, "prepare_seeds"):  # optional in the Task protocol
             seed_configs = task.prepare_seeds(config, workdir, seed_configs)
         for single, seed_dir in zip(seed_configs, seed_dirs, strict=True):
@@ -1364,7 +1382,7 @@ def train_and_evaluate(
         _check_source_fits(game, variables, input_shape)
 
     mesh = Mesh(np.asarray(mesh_devices(config)), (BATCH_AXIS,))
-    compiled = _compile(game, config, mesh, vmapped)
+    compiled = _compile(game, config, mesh, with_seeds)
     fused = fused_cycles(config)
     states = [  # on this host's default device, then placed like the rest
         create_game_state(
@@ -1372,15 +1390,15 @@ def train_and_evaluate(
         )
         for single, variables in zip(seed_configs, all_source_variables, strict=True)
     ]
-    state = _put(_stack(states) if vmapped else states[0], compiled.replicated)
+    state = _put(_stack(states) if with_seeds else states[0], compiled.replicated)
     source_variables = _put(
-        _stack(all_source_variables) if vmapped else all_source_variables[0], compiled.replicated
+        _stack(all_source_variables) if with_seeds else all_source_variables[0], compiled.replicated
     )
     del states, all_source_variables
 
     def take(tree: Any, i: int) -> Any:
         """Seed i's part of a (possibly stacked) pytree."""
-        return jax.tree.map(lambda leaf: leaf[i], tree) if vmapped else tree
+        return jax.tree.map(lambda leaf: leaf[i], tree) if with_seeds else tree
 
     def seed_int(value: Any, i: int) -> int:
         return int(np.ravel(jax.device_get(value))[i])
@@ -1445,7 +1463,7 @@ def train_and_evaluate(
     def per_seed(values: list) -> Any:
         """One value per seed as the compiled functions take it: stacked on axis 1 for phase
         images (steps, seeds, ...) and on axis 0 for scalars; the value itself for one run."""
-        if not vmapped:
+        if not with_seeds:
             return values[0]
         if np.ndim(values[0]) == 0:
             return np.asarray(values, np.float32)
@@ -1464,7 +1482,7 @@ def train_and_evaluate(
                 "completed_phases": completed_phases,
                 "history_rows": history_rows,
                 # one run: the state itself (the layout of checkpoints before seeds existed)
-                **{key: value if vmapped else value[0] for key, value in streams.items()},
+                **{key: value if with_seeds else value[0] for key, value in streams.items()},
             },
         )
 
@@ -1478,7 +1496,7 @@ def train_and_evaluate(
         kept = []
         for i, run in enumerate(runs):
             for key in ("source_stream", "target_stream"):
-                getattr(run, key).set_state(meta[key][i] if vmapped else meta[key])
+                getattr(run, key).set_state(meta[key][i] if with_seeds else meta[key])
             kept.append(run.metrics_path.read_text().splitlines(keepends=True)[:history_rows])
             run.last_row = json.loads(kept[-1][-1])
         _sync_hosts("read metrics")  # every host has read the rows before the first rewrites them
@@ -1499,7 +1517,7 @@ def train_and_evaluate(
     progress = tqdm.tqdm(
         total=len(phases),
         initial=completed_phases,
-        desc=f"adda {config.scheme}" + (f" x {num_seeds} seeds" if vmapped else ""),
+        desc=f"adda {config.scheme}" + (f" x {num_seeds} seeds" if with_seeds else ""),
         unit="cycle",
         disable=not (config.progress_bar and primary),
     )
@@ -1525,7 +1543,7 @@ def train_and_evaluate(
             before,
             f"{phase} {cycle}" if phase == "cycle" else phase,
             f"{checkpoint_dir / 'game'} (step {game_manager.latest_step()})",
-            seeds=[run.seed for run in runs] if vmapped else None,
+            seeds=[run.seed for run in runs] if with_seeds else None,
         )
         evaluations = evaluate(state)
         state, criteria = compiled.criteria(
@@ -1543,7 +1561,7 @@ def train_and_evaluate(
                 **evaluation,
                 "confusion_score": float(seed_criteria["confusion_score"]),
                 **{
-                    f"{name}_train": float(np.mean(values if not vmapped else values[:, i]))
+                    f"{name}_train": float(np.mean(values if not with_seeds else values[:, i]))
                     for name, values in step_metrics.items()
                     if name in ("disc_loss", "disc_grad_norm", "target_loss", "target_grad_norm")
                 },
@@ -1632,7 +1650,7 @@ def train_and_evaluate(
             "hosts": jax.process_count(),
             "wall_time_s": train_seconds,
         }
-        if vmapped:
+        if with_seeds:
             results["num_seeds_together"] = num_seeds  # trained in one program with others
         all_results.append(results)
         if primary:
@@ -1640,7 +1658,7 @@ def train_and_evaluate(
             train_segment.report_line(_summary_line(results, run.workdir), config.progress_bar)
     for manager in [game_manager, *(m for run in runs for m in run.managers.values())]:
         manager.close()
-    if not vmapped:
+    if not with_seeds:
         return all_results[0]
     summary = {
         "pair": _pair_name(config),

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from data_pipeline import loader
-from sarcoma_jax import baseline, figures, input_pipeline, metrics, models, provenance
+from sarcoma_jax import baseline, figures, input_pipeline, metrics, models, provenance, seed_map
 
 # Config fields in which a resumed run may differ from the run it continues: they do not change
 # the steps taken (num_epochs only says how many; raising it continues a finished run).
@@ -755,8 +755,9 @@ def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.
 def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """`config.num_seeds` seeds (config.seed, config.seed + 1, ...) in one compiled train step.
 
-    The train state and the batches get a leading seed axis and `train_step` is vmapped over it, so
-    one jit-compiled call trains every seed; each seed keeps its own initialisation, data order,
+    The train state and the batches get a leading seed axis and `train_step` is mapped over it
+    (`seed_map`: jax.vmap, or on CPU one traced copy per seed; `config.vmap_seeds`), so one
+    jit-compiled call trains every seed; each seed keeps its own initialisation, data order,
     BatchNorm re-estimation, best-val-F1 checkpoint and results, in `workdir/seed_<s>/`, laid out
     like a single run (and equal to one up to float reassociation; tests/train_segment_test.py).
     `workdir/results.json` lists the seeds' test metrics. A killed run starts again from scratch
@@ -784,7 +785,7 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     )
     states = jax.device_put(states, placement.replicated)
     train_fn = jax.jit(
-        jax.vmap(train_step),
+        seed_map.seed_map(train_step, (0, 0), num_seeds=len(seeds), vmap=seed_map.use_vmap(config)),
         in_shardings=(placement.replicated, placement.batched),
         out_shardings=(placement.replicated, placement.replicated),
         donate_argnums=0,
@@ -817,8 +818,9 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         if step % steps_per_epoch:
             continue
         epoch = step // steps_per_epoch
-        epoch_losses = np.asarray(loss_sums) / steps_per_epoch
-        epoch_grad_norms = np.asarray(grad_norm_sums) / steps_per_epoch
+        # Divided in float64, as a single run divides its float(sum): the rows are the same.
+        epoch_losses = np.asarray(loss_sums, np.float64) / steps_per_epoch
+        epoch_grad_norms = np.asarray(grad_norm_sums, np.float64) / steps_per_epoch
         for i, seed in enumerate(seeds):
             state = jax.tree.map(lambda leaf, i=i: leaf[i], states)
             eval_state, val_metrics, _ = _validate_epoch(

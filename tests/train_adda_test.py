@@ -328,8 +328,9 @@ class ToyGameTest(absltest.TestCase):
         )
 
     def test_num_seeds_plays_each_seed_as_its_single_run(self):
-        # Two seeds in one vmapped program, killed after two phases and resumed: each seed's
-        # folder holds the run a single run of that seed gives (up to float reassociation).
+        # Two seeds in one program, killed after two phases and resumed: each seed's folder
+        # holds the run a single run of that seed gives, up to float rounding (one program for
+        # all seeds may order sums differently).
         workdir = pathlib.Path(self.tmp.name) / "seeds"
 
         with self.assertRaises(Killed):
