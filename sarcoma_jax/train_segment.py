@@ -309,6 +309,8 @@ class Shardings(NamedTuple):
 
 
 def shardings(config: ml_collections.ConfigDict, seed_axis: bool = False) -> Shardings:
+    """The run's shardings over a 1-D mesh of `mesh_devices(config)`; `seed_axis`: batches
+    carry a leading seed axis (num_seeds runs)."""
     mesh = Mesh(np.asarray(mesh_devices(config)), (BATCH_AXIS,))
     batched = P(None, BATCH_AXIS) if seed_axis else P(BATCH_AXIS)
     return Shardings(NamedSharding(mesh, P()), NamedSharding(mesh, batched))
@@ -496,7 +498,7 @@ def train_and_evaluate(
         out_shardings=(placement.replicated, placement.replicated),
         donate_argnums=0,
     )
-    eval_fn, stats_fn = _eval_functions(config, model, shardings(config))
+    eval_fn, stats_fn = _eval_functions(config, model, placement)
 
     latest_manager = _checkpoint_manager(workdir / "checkpoints" / "latest")
     best_manager = _checkpoint_manager(workdir / "checkpoints" / "best")
