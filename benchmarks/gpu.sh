@@ -8,7 +8,9 @@
 # Prints the card, then train_step.py's report: peaks measured with 8192^3 matmuls (float32 at
 # full precision, i.e. no TF32, and bfloat16), the card's datasheet peaks where this script knows
 # them (dense, no sparsity), and for each of the train step and the ADDA cycle the images/s and
-# the fractions of those peaks. Runs from any directory; exits 1 with a one-line error when there
+# the fractions of those peaks. Then one step of 4 seeds by jax.vmap and unrolled against 4 single
+# steps (benchmarks/seeds.py --per_step, 128x128), which says whether vmap, the default off CPU,
+# is the right one on this card. Runs from any directory; exits 1 with a one-line error when there
 # is no GPU or jax cannot use it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,3 +45,5 @@ fi
 python benchmarks/train_step.py \
   --matmul_size 8192 --bf16_peak --repeats 20 --warmup 3 \
   --datasheet_tflops "$datasheet" "${torch_flags[@]}" "$@"
+
+python benchmarks/seeds.py --per_step --image_size 128
