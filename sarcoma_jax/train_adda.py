@@ -1713,9 +1713,14 @@ def _summary_line(results: Mapping[str, Any], folder: pathlib.Path) -> str:
 def _progress_fields(rows: list[Mapping[str, Any]], metric_name: str) -> dict[str, str]:
     """The progress bar's figures from each seed's latest row (space-separated over seeds)."""
 
+    def shown(value: float | None) -> str:
+        if value is None:  # NaN in the row (e.g. the confusion score before the window is full)
+            return "-"
+        text = f"{value:.3f}"
+        return "0.000" if text == "-0.000" else text  # a score of -0.0 or -1e-9 is zero
+
     def joined(name: str) -> str:
-        values = [row.get(name) for row in rows]
-        return " ".join("-" if value is None else f"{value:.3f}" for value in values)
+        return " ".join(shown(row.get(name)) for row in rows)
 
     return {
         "disc_loss": joined("disc_loss"),

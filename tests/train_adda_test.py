@@ -363,6 +363,16 @@ class ToyGameTest(absltest.TestCase):
         runs, _ = report.load_runs([workdir])
         self.assertEqual(sorted(run.seed for run in runs), [0, 1])
 
+    def test_progress_fields_of_two_seeds(self):
+        rows = [
+            {"disc_loss": 0.6931, "confusion_score": None, "target_val_f1": 0.5},
+            {"disc_loss": 0.25, "confusion_score": -0.0, "target_val_f1": 0.12345},
+        ]
+        self.assertEqual(
+            train_adda._progress_fields(rows, "target_val_f1"),
+            {"disc_loss": "0.693 0.250", "confusion": "- 0.000", "target_val_f1": "0.500 0.123"},
+        )
+
     def test_non_finite_loss_of_one_seed_names_it(self):
         step_metrics = {  # (steps, seeds)
             "disc_loss": np.array([[0.7, 0.7], [0.6, np.nan], [np.nan, np.nan]], np.float32),
