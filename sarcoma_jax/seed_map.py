@@ -24,6 +24,18 @@ def use_vmap(config: ml_collections.ConfigDict) -> bool:
     return jax.default_backend() != "cpu"
 
 
+def take(tree: Any, i: int, axis: int = 0) -> Any:
+    """Seed i's part of a stacked pytree (its seed axis `axis` dropped); numpy leaves stay numpy,
+    jax arrays (and tracers) stay jax."""
+    index = (slice(None),) * axis + (i,)
+    return jax.tree.map(lambda leaf: leaf[index], tree)
+
+
+def stack(trees: Sequence[Any], axis: int = 0) -> Any:
+    """Pytrees of one structure stacked leaf by leaf along a new seed axis `axis`."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves, axis=axis), *trees)
+
+
 def seed_map(
     function: Callable,
     in_axes: Sequence[int | None],
@@ -44,17 +56,14 @@ def seed_map(
     if vmap:
         return jax.vmap(function, in_axes=tuple(in_axes), out_axes=out_axes)
 
-    def take(tree: Any, axis: int | None, i: int) -> Any:
-        if axis is None:
-            return tree
-        return jax.tree.map(lambda leaf: jax.lax.index_in_dim(leaf, i, axis, keepdims=False), tree)
-
-    def stack(trees: list[Any], axis: int) -> Any:
-        return jax.tree.map(lambda *leaves: jnp.stack(leaves, axis=axis), *trees)
-
     def unrolled(*args):
         outputs = [
-            function(*(take(arg, axis, i) for arg, axis in zip(args, in_axes, strict=True)))
+            function(
+                *(
+                    arg if axis is None else take(arg, i, axis)
+                    for arg, axis in zip(args, in_axes, strict=True)
+                )
+            )
             for i in range(num_seeds)
         ]
         if isinstance(out_axes, int):

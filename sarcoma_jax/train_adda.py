@@ -1280,11 +1280,9 @@ def _check_finite(
 def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
     """The config of one seed of a `num_seeds` run: `seed` set (and the source run's, which shares
     it), `num_seeds` 1; what a single run of that seed is given."""
-    single = config.copy_and_resolve_references()
-    single.seed = seed
+    single = train_segment.seed_config(config, seed)
     if isinstance(single.get("source"), ml_collections.ConfigDict) and "seed" in single.source:
         single.source.seed = seed
-    single.num_seeds = 1
     return single
 
 
@@ -1307,11 +1305,6 @@ class _SeedRun:
     @property
     def metrics_path(self) -> pathlib.Path:
         return self.workdir / "metrics.jsonl"
-
-
-def _stack(trees: list[Any]) -> Any:
-    """Pytrees of one structure stacked leaf by leaf along a new leading (seed) axis."""
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 def train_and_evaluate(
@@ -1390,15 +1383,16 @@ def train_and_evaluate(
         )
         for single, variables in zip(seed_configs, all_source_variables, strict=True)
     ]
-    state = _put(_stack(states) if with_seeds else states[0], compiled.replicated)
+    state = _put(seed_map.stack(states) if with_seeds else states[0], compiled.replicated)
     source_variables = _put(
-        _stack(all_source_variables) if with_seeds else all_source_variables[0], compiled.replicated
+        seed_map.stack(all_source_variables) if with_seeds else all_source_variables[0],
+        compiled.replicated,
     )
     del states, all_source_variables
 
     def take(tree: Any, i: int) -> Any:
         """Seed i's part of a (possibly stacked) pytree."""
-        return jax.tree.map(lambda leaf: leaf[i], tree) if with_seeds else tree
+        return seed_map.take(tree, i) if with_seeds else tree
 
     def seed_int(value: Any, i: int) -> int:
         return int(np.ravel(jax.device_get(value))[i])

@@ -824,7 +824,7 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         epoch_losses = np.asarray(loss_sums, np.float64) / steps_per_epoch
         epoch_grad_norms = np.asarray(grad_norm_sums, np.float64) / steps_per_epoch
         for i, seed in enumerate(seeds):
-            state = jax.tree.map(lambda leaf, i=i: leaf[i], states)
+            state = seed_map.take(states, i)
             eval_state, val_metrics, _ = _validate_epoch(
                 config,
                 eval_fn,
@@ -850,7 +850,7 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     progress.close()
     train_seconds = time.time() - start
 
-    template = jax.tree.map(lambda leaf: leaf[0], states)
+    template = seed_map.take(states, 0)
     per_seed = {}
     for i, seed in enumerate(seeds):
         results = _finish(
