@@ -17,6 +17,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import segment_base
+from data_pipeline.vocabulary import MR_SEQUENCES
 
 # Source segmentation learning rates (SPEC §4 'Source'; T1 and STIR as in their segment configs).
 SOURCE_LEARNING_RATES = {"CT": 1e-3, "PT": 1e-3, "T1": 1e-3, "T2": 5e-4, "STIR": 5e-4}
@@ -49,7 +50,6 @@ PAIRS = {
     ("T2", "PT"): _pair(1e-3, 0.5, 5e-4, 0.9, 100, 0, _CYCLE, _CYCLE),
 }
 # Pairs outside the thesis: T1 and STIR (MR like T2) take T2's row; MR to MR takes DEFAULT_PAIR.
-MR_DOMAINS = ("T1", "T2", "STIR")
 DEFAULT_PAIR = _pair(1e-3, 0.9, 2e-4, 0.9, 100, 200, _CYCLE, _NEVER)
 
 
@@ -57,7 +57,7 @@ def pair_hyperparameters(source: str, target: str) -> dict:
     """The row of PAIRS for (source, target), with MR sequences read as T2."""
 
     def as_thesis_domain(domain: str) -> str:
-        return "T2" if domain in MR_DOMAINS else domain
+        return "T2" if domain in MR_SEQUENCES else domain
 
     return PAIRS.get((as_thesis_domain(source), as_thesis_domain(target)), DEFAULT_PAIR)
 

@@ -32,15 +32,13 @@ from data_pipeline import ingest as ingest_lib
 from data_pipeline import loader
 from data_pipeline import preprocess as preprocess_lib
 from data_pipeline import splits as splits_lib
+from data_pipeline.vocabulary import DOMAIN_ALIASES, DOMAINS
 
 SOURCES = ("phantom", "dicom", "index")
-DOMAINS = ("CT", "PT", "T1", "T2", "STIR")
-# Other spellings users write for the domains (upper case).
-DOMAIN_ALIASES = {"PET": "PT", "MR_T1": "T1", "MR_T2": "T2", "T2FS": "T2", "MR_STIR": "STIR"}
 CACHE_ENV_VAR = "SARCOMA_JAX_CACHE"
 PHANTOM_CLINICAL_FILENAME = "clinical.csv"
 # Modules whose code decides what an ingest produces.
-INGEST_MODULES = ("ingest", "dicom_io", "rtstruct", "index", "splits", "clinical")
+INGEST_MODULES = ("ingest", "dicom_io", "rtstruct", "index", "splits", "clinical", "vocabulary")
 
 
 class DatasetError(ValueError):

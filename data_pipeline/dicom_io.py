@@ -19,8 +19,8 @@ import pydicom.errors
 import pydicom.sequence
 import pydicom.uid
 
-IMAGE_MODALITIES = ("CT", "PT", "MR")
-MR_SEQUENCES = ("T1", "T2", "STIR")
+from data_pipeline.vocabulary import IMAGE_MODALITIES
+
 # Cosines closer than this are treated as the same orientation (about 0.06 degrees).
 _ORIENTATION_TOLERANCE = 1e-3
 _STRUCT_H, _STRUCT_I, _STRUCT_HH = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<HH")

@@ -30,14 +30,13 @@ import numpy as np
 from isal import isal_zlib
 
 from data_pipeline import splits as splits_lib
+from data_pipeline.vocabulary import DOMAIN_ALIASES, MR_SEQUENCES, SPLITS
+from data_pipeline.vocabulary import IMAGE_MODALITIES as MODALITIES
 
 INDEX_FILENAME = "index.sqlite"
 SLICES_DIRNAME = "slices"
 SCHEMA_VERSION = 1
 LINKED_BY = ("series_uid", "contour_images", "geometry")
-MODALITIES = ("CT", "PT", "MR")
-MR_SEQUENCES = ("T1", "T2", "STIR")
-MODALITY_ALIASES = {"PET": "PT"}
 # Deflate level 1: about 9x faster than numpy's default (6) on CT slices for ~5% larger files.
 # Done with ISA-L (python-isal), which deflates a 512x512 int16 slice 5x faster than zlib at the
 # same level and ratio; compression otherwise dominates ingest time.
@@ -495,7 +494,7 @@ def _modality_condition(modalities) -> tuple[str, list]:
     clauses, params = [], []
     for name in _as_list(modalities, "modality"):
         upper = str(name).upper()
-        upper = MODALITY_ALIASES.get(upper, upper)
+        upper = DOMAIN_ALIASES.get(upper, upper)
         if upper in MODALITIES:
             clauses.append("r.modality = ?")
             params.append(upper)
@@ -574,10 +573,10 @@ class Index:
             params += sequences
         if split is not None:
             split_names = _as_list(split, "split")
-            unknown = [name for name in split_names if name not in splits_lib.SPLITS]
+            unknown = [name for name in split_names if name not in SPLITS]
             if unknown:
                 raise ValueError(
-                    f"unknown split {unknown[0]!r}; expected one of {', '.join(splits_lib.SPLITS)}")
+                    f"unknown split {unknown[0]!r}; expected one of {', '.join(SPLITS)}")
             conditions.append(_in_condition("s.split", len(split_names)))
             params += split_names
         if has_tumor is not None:
@@ -635,7 +634,7 @@ class Index:
         for row in rows:
             patient = dict(row)
             split_names = set(patient["splits"].split(",")) if patient["splits"] else set()
-            patient["splits"] = [name for name in splits_lib.SPLITS if name in split_names]
+            patient["splits"] = [name for name in SPLITS if name in split_names]
             patients.append(patient)
         return patients
 
@@ -684,6 +683,6 @@ class Index:
             "series": series_counts,
             "slices": slice_totals["n"],
             "slices_with_tumor": slice_totals["n_tumor"],
-            "slices_per_split": {name: split_counts.get(name, 0) for name in splits_lib.SPLITS},
+            "slices_per_split": {name: split_counts.get(name, 0) for name in SPLITS},
             "warnings": self._fetch("SELECT count(*) FROM warnings")[0][0],
         }

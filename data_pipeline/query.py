@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from data_pipeline import index as index_lib
-from data_pipeline import splits as splits_lib
+from data_pipeline import vocabulary
 
 EXIT_MATCHED, EXIT_NOTHING_MATCHED, EXIT_ERROR = 0, 1, 2
 
@@ -27,7 +27,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--index", required=True, help="index directory (holds index.sqlite)")
     parser.add_argument("--modality", help="CT, PT, MR, or an MR sequence T1, T2, STIR")
     parser.add_argument("--sequence", help="MR sequence: T1, T2 or STIR")
-    parser.add_argument("--split", choices=splits_lib.SPLITS)
+    parser.add_argument("--split", choices=vocabulary.SPLITS)
     tumor = parser.add_mutually_exclusive_group()
     tumor.add_argument("--has_tumor", action="store_true", help="only slices with tumour")
     tumor.add_argument("--no_tumor", action="store_true", help="only slices without tumour")
@@ -94,17 +94,17 @@ def count_table(records: Sequence[index_lib.SliceRecord]) -> str:
         kinds[record.patient_key].add(
             f"MR_{record.sequence}" if record.modality == "MR" and record.sequence
             else record.modality)
-    header = ["patient", "series", *splits_lib.SPLITS, "total", "with_tumor"]
+    header = ["patient", "series", *vocabulary.SPLITS, "total", "with_tumor"]
     rows = []
     totals = collections.Counter()
     for patient_key in sorted(per_patient):
         counts = per_patient[patient_key]
         totals.update(counts)
         rows.append([patient_key, ",".join(sorted(kinds[patient_key])),
-                     *(counts[name] for name in splits_lib.SPLITS),
-                     sum(counts[name] for name in splits_lib.SPLITS), counts["tumor"]])
+                     *(counts[name] for name in vocabulary.SPLITS),
+                     sum(counts[name] for name in vocabulary.SPLITS), counts["tumor"]])
     rows.append([f"total ({len(per_patient)} patients)", "",
-                 *(totals[name] for name in splits_lib.SPLITS), len(records), totals["tumor"]])
+                 *(totals[name] for name in vocabulary.SPLITS), len(records), totals["tumor"]])
     return format_table(header, rows)
 
 

@@ -5,7 +5,6 @@ import math
 from collections.abc import Iterable, Sequence
 
 SCHEMES = ("patient", "thesis")
-SPLITS = ("train", "val", "test")
 THESIS_WITHHELD_PATIENTS = 7  # §13.3: validation and test share the same 7 patients.
 PATIENT_SCHEME_FRACTION = 0.15  # Fraction of patients in each of val and test.
 

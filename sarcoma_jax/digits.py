@@ -27,11 +27,11 @@ from sklearn.datasets import load_digits
 from tensorflow_datasets.datasets.svhn_cropped import svhn_cropped_dataset_builder
 from tensorflow_datasets.image_classification import mnist
 
+from data_pipeline.vocabulary import SPLITS
 from sarcoma_jax import input_pipeline, models, train_adda
 
 IMAGE_SIDE = 28  # every digit image the models see is (28, 28, 1), float32 in [0, 1]
 NUM_CLASSES = 10
-SPLITS = ("train", "val", "test")
 
 
 class DigitsDataError(input_pipeline.ConfigError):

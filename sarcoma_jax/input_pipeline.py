@@ -8,8 +8,7 @@ import numpy as np
 
 from data_pipeline import datasets, dicom_io, loader
 from data_pipeline import index as index_lib
-
-SPLITS = ("train", "val", "test")
+from data_pipeline.vocabulary import SPLITS
 
 
 class ConfigError(ValueError):

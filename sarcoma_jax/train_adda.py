@@ -130,6 +130,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from data_pipeline import datasets, loader
+from data_pipeline.vocabulary import SPLITS
 from sarcoma_jax import (
     confusion,
     input_pipeline,
@@ -145,7 +146,6 @@ SCHEMES = ("adda", "reset")
 CRITERIA = ("initial", "confusion", "best_loss", "latest", "highest_peak")
 RESET_WHEN = ("never", "cycle_start", "every", "after_at_least")
 DISCRIMINATOR_EVAL_BN = ("batch", "running")
-SPLITS = ("train", "val", "test")
 BATCH_AXIS = "batch"
 # Config fields that do not change results; a resumed run may differ from the original in these.
 COSMETIC_CONFIG_KEYS = ("progress_bar", "distributed")  # no effect on the numbers

@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from tensorflow_datasets.image_classification import mnist
 
 from configs import adda_digits_offline, adda_svhn_mnist
+from data_pipeline import vocabulary
 from sarcoma_jax import digits, models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ class OfflinePairTest(absltest.TestCase):
 
     def test_shapes_dtypes_ranges_and_sizes(self):
         for domain, sizes in ((self.source, self.sizes), (self.target, (1078, 359, 360))):
-            for split, size in zip(digits.SPLITS, sizes, strict=True):
+            for split, size in zip(vocabulary.SPLITS, sizes, strict=True):
                 data = domain[split]
                 self.assertEqual(data.images.shape, (size, 28, 28, 1))
                 self.assertEqual(data.images.dtype, np.float32)
@@ -81,20 +82,20 @@ class OfflinePairTest(absltest.TestCase):
     def test_deterministic_per_seed(self):
         again_source, again_target = digits.offline_pair(3, self.sizes)
         other_source, other_target = digits.offline_pair(4, self.sizes)
-        for split in digits.SPLITS:
+        for split in vocabulary.SPLITS:
             np.testing.assert_array_equal(again_source[split].images, self.source[split].images)
             np.testing.assert_array_equal(again_target[split].labels, self.target[split].labels)
         self.assertFalse(np.array_equal(other_source["train"].images, self.source["train"].images))
         self.assertFalse(np.array_equal(other_target["test"].labels, self.target["test"].labels))
 
     def test_source_classes_balanced(self):
-        labels = np.concatenate([self.source[split].labels for split in digits.SPLITS])
+        labels = np.concatenate([self.source[split].labels for split in vocabulary.SPLITS])
         np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.full(10, 54))
 
     def test_target_splits_partition_the_handwritten_digits(self):
         everything = digits.load_handwritten_digits()
-        images = np.concatenate([self.target[split].images for split in digits.SPLITS])
-        labels = np.concatenate([self.target[split].labels for split in digits.SPLITS])
+        images = np.concatenate([self.target[split].images for split in vocabulary.SPLITS])
+        labels = np.concatenate([self.target[split].labels for split in vocabulary.SPLITS])
         order = _match_by_content(images, everything.images)
         np.testing.assert_array_equal(np.sort(order), np.arange(1797))
         np.testing.assert_array_equal(labels, everything.labels[order])
@@ -248,7 +249,7 @@ class SvhnMnistConfigDataTest(absltest.TestCase):
             source, target = digits.load_pair(config.data)
         for domain in (source, target):
             self.assertEqual(
-                {split: len(domain[split].labels) for split in digits.SPLITS},
+                {split: len(domain[split].labels) for split in vocabulary.SPLITS},
                 {"train": 18, "val": 7, "test": 25},
             )
             for data in domain.values():

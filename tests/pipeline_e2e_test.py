@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from absl.testing import absltest
 
 import data_pipeline.tfds.soft_tissue_sarcoma as sts
-from data_pipeline import datasets, loader
+from data_pipeline import datasets, loader, vocabulary
 
 PHANTOM = dict(phantom_patients=4, phantom_image_size=32, phantom_slices=8)
 SPLITS = ("train", "val", "test")
@@ -212,7 +212,7 @@ class DatasetsErrorsTest(absltest.TestCase):
 
     def test_builder_configs_cover_every_domain(self):
         domains = {config.domain for config in sts.BUILDER_CONFIGS}
-        self.assertEqual(domains, set(datasets.DOMAINS))
+        self.assertEqual(domains, set(vocabulary.DOMAINS))
 
 
 if __name__ == "__main__":

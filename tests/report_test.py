@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl.testing import absltest
 
+from data_pipeline import vocabulary
 from sarcoma_jax import models, report, train_adda
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -514,8 +515,8 @@ class TinyOverlayTask(train_adda.SegmentationTask):
         images = np.where(masks > 0, 0.9, rng.uniform(0, 0.3, masks.shape)).astype(np.float32)
         split = {"image": images, "mask": masks}
         return train_adda.DomainData(
-            source={name: split for name in train_adda.SPLITS},
-            target={name: split for name in train_adda.SPLITS},
+            source={name: split for name in vocabulary.SPLITS},
+            target={name: split for name in vocabulary.SPLITS},
         )
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from data_pipeline import index as index_lib
-from data_pipeline import splits
+from data_pipeline import splits, vocabulary
 
 
 def reference_rank(patient_keys, seed):
@@ -145,7 +145,7 @@ class StoredSplitsTest(parameterized.TestCase):
         index = self.make_index(keys, "patient", seed=1)
         patients_per_split = {
             split: {record.patient_key for record in index.query(split=split)}
-            for split in splits.SPLITS}
+            for split in vocabulary.SPLITS}
         ranked = reference_rank(keys, 1)
         self.assertEqual(patients_per_split["test"], set(ranked[:2]))
         self.assertEqual(patients_per_split["val"], set(ranked[2:4]))

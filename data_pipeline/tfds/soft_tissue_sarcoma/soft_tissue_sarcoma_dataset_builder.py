@@ -29,10 +29,9 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipeline import datasets
+from data_pipeline import datasets, vocabulary
 from data_pipeline import index as index_lib
 from data_pipeline import preprocess as preprocess_lib
-from data_pipeline import splits as splits_lib
 
 _DESCRIPTION = """
 Soft-tissue sarcoma segmentation slices (TCIA collection "Soft-tissue-Sarcoma", Vallieres et al.
@@ -78,7 +77,7 @@ A folder with an index made by `python -m data_pipeline.ingest` (index.sqlite) c
 manual_dir instead.
 """
 
-# Domain names (data_pipeline.datasets.DOMAINS) and the prefixes of their config names.
+# Domain names (data_pipeline.vocabulary.DOMAINS) and the prefixes of their config names.
 _CONFIG_PREFIXES = {"CT": "ct", "PT": "pt", "T1": "mr_t1", "T2": "mr_t2", "STIR": "mr_stir"}
 _IMAGE_SIZES = (64, 128)
 
@@ -192,7 +191,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         index = self._open_index(dl_manager)
         generators = {}
-        for split in splits_lib.SPLITS:
+        for split in vocabulary.SPLITS:
             records = index.query(**datasets.domain_query(config.domain, split, config.tumour_only))
             # tfds cannot write an empty split; a split without slices is left out.
             if records:
