@@ -10,7 +10,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sarcoma_jax import input_pipeline, train_adda, train_segment
+from sarcoma_jax import input_pipeline
+from sarcoma_jax.adda import train as adda_train
+from sarcoma_jax.segment import train as segment_train
 
 FLAGS = flags.FLAGS
 
@@ -20,8 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # config.experiment -> train_and_evaluate(config, workdir).
 EXPERIMENTS = {
-    "segment": train_segment.train_and_evaluate,
-    "adda": train_adda.train_and_evaluate,
+    "segment": segment_train.train_and_evaluate,
+    "adda": adda_train.train_and_evaluate,
 }
 
 
@@ -74,7 +76,7 @@ def main(argv):
         EXPERIMENTS[experiment](config, FLAGS.workdir)
     except input_pipeline.USER_ERRORS as error:
         sys.exit(f"error: {error}")
-    except train_adda.NonFiniteLossError as error:  # the last good checkpoint is kept
+    except adda_train.NonFiniteLossError as error:  # the last good checkpoint is kept
         sys.exit(f"stopped: {error}")
 
 

@@ -12,7 +12,7 @@ Runs, in this one process and on the same (phantom, by default) data:
 and prints, for each, the wall time (training loop only, and the whole run with compilation,
 evaluation and figures) and seeds/hour, then `vmapped_over_sequential=<ratio of seeds/hour>`
 (the N = 1 figure stands for N sequential runs). Each seed's numbers are those of its single
-run (tests/train_segment_test.py, tests/train_adda_test.py); this measures only the speed.
+run (tests/segment_train_test.py, tests/adda_train_test.py); this measures only the speed.
 
 An ADDA config times the game only: the warm-up trains one source map (`--epochs` epochs),
 which every timed run reuses through config.source_checkpoint. Its "training loop" is the whole
@@ -31,7 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sarcoma_jax import seed_map, train_adda, train_segment
+from sarcoma_jax import seed_map
+from sarcoma_jax.adda import criteria
+from sarcoma_jax.adda import game as game_lib
+from sarcoma_jax.adda import train as adda_train
+from sarcoma_jax.segment import steps
+from sarcoma_jax.segment import train as segment_train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,9 +54,9 @@ def timed_run(config, workdir: pathlib.Path) -> tuple[float, float]:
     """(seconds of the whole run, seconds of its training loop)."""
     start = time.perf_counter()
     if config.experiment == "adda":
-        results = train_adda.train_and_evaluate(config, workdir)
+        results = adda_train.train_and_evaluate(config, workdir)
         return time.perf_counter() - start, float(results["wall_time_s"])
-    results = train_segment.train_and_evaluate(config, workdir)
+    results = segment_train.train_and_evaluate(config, workdir)
     return time.perf_counter() - start, float(results["train_wall_time_s"])
 
 
@@ -75,8 +80,8 @@ def per_step(image_size: int, num_seeds: int, repeats: int) -> None:
     the segmentation train step (configs/segment_pt.py) and the ADDA discriminator and target
     steps (configs/adda_ct_pt.py), batch 5, random inputs."""
     segment_config = load_config("configs/segment_pt.py")
-    model = train_segment.create_model(segment_config.model)
-    optimizer = train_segment.create_optimizer(segment_config.optimizer)
+    model = steps.create_model(segment_config.model)
+    optimizer = steps.create_optimizer(segment_config.optimizer)
     shape = (image_size, image_size, 1)
     keys = jnp.stack([jax.random.PRNGKey(seed) for seed in range(num_seeds)])
     rng = np.random.default_rng(0)
@@ -91,21 +96,22 @@ def per_step(image_size: int, num_seeds: int, repeats: int) -> None:
     cases = [
         (
             "segmentation train step",
-            train_segment.train_step,
-            train_segment.create_train_state(keys[0], model, shape, optimizer),
-            train_segment.create_train_states(keys, model, shape, optimizer),
+            steps.train_step,
+            steps.create_train_state(keys[0], model, shape, optimizer),
+            steps.create_train_state(keys, model, shape, optimizer),
             (batch,),
         )
     ]
     adda_config = load_config("configs/adda_ct_pt.py")
-    game = train_adda.create_game(adda_config)
+    game = game_lib.create_game(adda_config)
     source = dict(
         jax.jit(lambda key: game.map_model.init(key, jnp.zeros((1, *shape)), train=False))(keys[0])
     )
-    states = [train_adda.create_game_state(key, game, source, shape) for key in keys]
+    criteria_state = criteria.init(criteria.build(adda_config))
+    states = [game_lib.create_game_state(key, game, source, shape, criteria_state) for key in keys]
     for name, step in (
-        ("ADDA discriminator step", train_adda.disc_step),
-        ("ADDA target step", train_adda.target_step),
+        ("ADDA discriminator step", game_lib.disc_step),
+        ("ADDA target step", game_lib.target_step),
     ):
         cases.append(
             (
@@ -167,14 +173,14 @@ def main() -> None:
         if adda:
             source = config.source.copy_and_resolve_references()
             source.num_epochs = args.epochs
-            train_segment.train_and_evaluate(source, pathlib.Path(tmp) / "source")
+            segment_train.train_and_evaluate(source, pathlib.Path(tmp) / "source")
             config.source_checkpoint = str(pathlib.Path(tmp) / "source")
             config.target_epochs = args.target_epochs
         else:
             config.num_epochs = args.epochs
             warm = config.copy_and_resolve_references()
             warm.num_epochs = 1
-            train_segment.train_and_evaluate(warm, pathlib.Path(tmp) / "warm")
+            segment_train.train_and_evaluate(warm, pathlib.Path(tmp) / "warm")
         single_total, single_train = timed_run(config, pathlib.Path(tmp) / "single")
         vmapped = config.copy_and_resolve_references()
         vmapped.num_seeds = args.seeds

@@ -6,12 +6,12 @@ Times, in one process, after warm-up, round-robin (one of each per round, so bot
 the same machine load), the median over --repeats rounds of:
   matmul            float32 (2048, 2048) @ (2048, 2048), full precision, in JAX and in torch: the
                     machine's peak (--bf16_peak: also bfloat16 in JAX, for GPUs; benchmarks/gpu.sh)
-  train_step jax    sarcoma_jax.train_segment.train_step (jit, state donated): the reference
+  train_step jax    sarcoma_jax.steps.train_step (jit, state donated): the reference
                     U-Net (SPEC §3), batch 5 at 128x128, Adam, pixel BCE summed over pixels and
                     averaged over the batch, BatchNorm in training mode
                     (on CPU also a variant compiled with YNNPACK's convolutions off)
   train_step torch  the same network (benchmarks/torch_reference.py), loss and Adam in PyTorch
-  adda_cycle jax    one ADDA cycle of train_adda (config adda_ct_pt, --k_d discriminator steps on
+  adda_cycle jax    one ADDA cycle (adda/game.py; config adda_ct_pt, --k_d discriminator steps on
                     5 + 5 logit maps, then --k_t target-map steps through the frozen
                     discriminator with inverted labels): fused (`run_cycle`, one compiled call) and
                     unfused (one `disc_step` / `target_step` call per step)
@@ -54,7 +54,9 @@ sys.path[:0] = [str(BENCHMARKS_DIR.parent), str(BENCHMARKS_DIR)]
 import torch_reference  # noqa: E402
 
 from configs import adda_ct_pt, segment_ct  # noqa: E402
-from sarcoma_jax import train_adda, train_segment  # noqa: E402
+from sarcoma_jax.adda import criteria  # noqa: E402
+from sarcoma_jax.adda import game as game_lib  # noqa: E402
+from sarcoma_jax.segment import steps  # noqa: E402
 
 if torch is not None:
     import torch_reference
@@ -110,19 +112,19 @@ def _batch(rng: np.random.Generator, batch_size: int, size: int) -> dict[str, np
 def jax_train_step(
     batch: dict[str, np.ndarray], compiler_options: dict | None = None
 ) -> tuple[Callable[[], None], float]:
-    """The real train_segment.train_step on the reference U-Net (configs/segment_ct.py: Adam
+    """The real steps.train_step on the reference U-Net (configs/segment_ct.py: Adam
     1e-3), compiled with XLA `compiler_options`; returns (run, FLOPs per call)."""
     config = segment_ct.get_config()
-    model = train_segment.create_model(config.model)
-    state = train_segment.create_train_state(
+    model = steps.create_model(config.model)
+    state = steps.create_train_state(
         jax.random.PRNGKey(0),
         model,
         batch["image"].shape[1:],
-        train_segment.create_optimizer(config.optimizer),
+        steps.create_optimizer(config.optimizer),
     )
     device_batch = jax.device_put(batch)
-    flops = _cost_flops(jax.jit(train_segment.train_step).lower(state, device_batch).compile())
-    step = jax.jit(train_segment.train_step, donate_argnums=0, compiler_options=compiler_options)
+    flops = _cost_flops(jax.jit(steps.train_step).lower(state, device_batch).compile())
+    step = jax.jit(steps.train_step, donate_argnums=0, compiler_options=compiler_options)
     holder = {"state": state}
 
     def run() -> None:
@@ -143,26 +145,32 @@ def adda_config(k_d: int, k_t: int):
 def jax_adda_cycle(
     config, source_images: np.ndarray, target_images: np.ndarray
 ) -> tuple[Callable[[], None], Callable[[], None], float]:
-    """train_adda's cycle, fused (run_cycle) and unfused (a call per step), on stacked batches
+    """the ADDA game's cycle, fused (run_cycle) and unfused (a call per step), on stacked batches
     (steps, batch, h, w, 1); returns (fused run, unfused run, FLOPs per cycle)."""
     k_d, k_t = config.disc_steps_per_cycle, config.target_steps_per_cycle
-    game = train_adda.create_game(config)
+    game = game_lib.create_game(config)
     input_shape = source_images.shape[2:]
     source_variables = jax.jit(
         lambda rng: game.map_model.init(rng, jnp.zeros((1, *input_shape)), train=False)
     )(jax.random.PRNGKey(1))
-    state = train_adda.create_game_state(jax.random.PRNGKey(0), game, source_variables, input_shape)
+    state = game_lib.create_game_state(
+        jax.random.PRNGKey(0),
+        game,
+        source_variables,
+        input_shape,
+        criteria.init(criteria.build(config)),
+    )
     disc_source, disc_target = jax.device_put((source_images[:k_d], target_images[:k_d]))
     map_source, map_target = jax.device_put((source_images[k_d:], target_images[k_d:]))
 
-    disc_step = functools.partial(train_adda.disc_step, game)
-    target_step = functools.partial(train_adda.target_step, game)
+    disc_step = functools.partial(game_lib.disc_step, game)
+    target_step = functools.partial(game_lib.target_step, game)
     one_batch = (disc_source[0], disc_target[0])
     flops = k_d * _cost_flops(
         jax.jit(disc_step).lower(state, source_variables, *one_batch).compile()
     ) + k_t * _cost_flops(jax.jit(target_step).lower(state, source_variables, *one_batch).compile())
 
-    cycle = jax.jit(functools.partial(train_adda.run_cycle, game), donate_argnums=0)
+    cycle = jax.jit(functools.partial(game_lib.run_cycle, game), donate_argnums=0)
     disc_step_fn = jax.jit(disc_step, donate_argnums=0)
     target_step_fn = jax.jit(target_step, donate_argnums=0)
     holder = {"state": state}
@@ -276,7 +284,7 @@ def torch_adda_cycle(
     target_images: np.ndarray,
     setting: TorchSetting,
 ) -> Callable[[], None]:
-    """train_adda's cycle in PyTorch: the same maps (source frozen; target map's BatchNorm on its
+    """the ADDA game's cycle in PyTorch: the same maps (source frozen; target map's BatchNorm on its
     running averages, target_map_train_mode=False), discriminator, losses and Adams."""
     torch.manual_seed(0)
     k_d = config.disc_steps_per_cycle
@@ -300,7 +308,7 @@ def torch_adda_cycle(
     sources = [_to_torch(images, setting) for images in source_images]
     targets = [_to_torch(images, setting) for images in target_images]
     batch_size = source_images.shape[1]
-    # train_adda's labels: source 1, target 0 (confusion.SOURCE_DOMAIN_LABEL).
+    # The game's labels: source 1, target 0 (confusion.SOURCE_DOMAIN_LABEL).
     domain_labels = torch.cat([torch.ones(batch_size), torch.zeros(batch_size)]).long()
     domain_labels = domain_labels.to(setting.device)
     inverted_labels = torch.ones(batch_size, dtype=torch.long, device=setting.device)

@@ -18,6 +18,7 @@ from ml_collections import config_dict
 
 from configs import segment_base
 from data_pipeline.vocabulary import MR_SEQUENCES
+from sarcoma_jax.adda import criteria
 
 # Source segmentation learning rates (SPEC §4 'Source'; T1 and STIR as in their segment configs).
 SOURCE_LEARNING_RATES = {"CT": 1e-3, "PT": 1e-3, "T1": 1e-3, "T2": 5e-4, "STIR": 5e-4}
@@ -32,7 +33,7 @@ def _pair(disc_lr, disc_b1, target_lr, target_b1, k_d, initial, reset_disc, rese
         "k_d": k_d,
         "k_t": 20,
         "initial_disc_steps": initial,
-        "reset_discriminator": reset_disc,  # (when, steps), see train_adda.reset_condition
+        "reset_discriminator": reset_disc,  # (when, steps): adda/game.py reset_condition
         "reset_target": reset_target,
     }
 
@@ -83,32 +84,25 @@ def get_config(
 
     config = ml_collections.ConfigDict()
     config.experiment = "adda"
-    config.task = "segmentation"  # train_adda.TASKS key or 'package.module:Factory'
+    config.task = "segmentation"  # adda/task.py TASKS key or 'package.module:Factory'
     config.scheme = "adda"  # 'adda' | 'reset' (momentum reset with the pair's schedule)
     config.seed = source_config.get_ref("seed")  # init, data order (shared with config.source)
     # > 1: seeds seed, seed + 1, ... played together by one vmapped program; each seed's run
-    # (metrics, checkpoints, results) goes to <workdir>/seed_<s>/ (train_adda module docstring).
+    # (metrics, checkpoints, results) goes to <workdir>/seed_<s>/ (sarcoma_jax/adda/train.py).
     config.num_seeds = 1
     config.vmap_seeds = source_config.get_ref("vmap_seeds")  # see configs/segment_base.py
 
-    # Shared with config.source.data: overriding one sets both.
+    # Every field of config.source.data, shared with it (overriding one sets both); its modality
+    # is the source modality.
     config.data = ml_collections.ConfigDict()
-    for key in (
-        "source",
-        "path",
-        "cache_dir",
-        "image_size",
-        "tumour_only",
-        "seed",
-        "split_scheme",
-        "phantom_patients",
-    ):
-        config.data[key] = source_config.data.get_ref(key)
-    config.data.source_modality = source_config.data.get_ref("modality")
+    for key in source_config.data:
+        config.data["source_modality" if key == "modality" else key] = source_config.data.get_ref(
+            key
+        )
     config.data.target_modality = target
     config.data.disjoint_domains = False  # source / target training images from disjoint patients
 
-    config.source = source_config  # the source segmentation run (train_segment)
+    config.source = source_config  # the source segmentation run (segment/train.py)
     config.source_checkpoint = config_dict.placeholder(str)  # reuse a segmentation run instead
     config.model = source_config.model  # source and target map (the same object)
 
@@ -146,6 +140,9 @@ def get_config(
     config.confusion_window = 50  # N_s evaluations
     config.confusion_delay = 2000  # discriminator steps before confusion stop may select
     config.best_loss_min_target_steps = 50
+    # The stopping criteria to run (sarcoma_jax/adda/criteria: registered names, or
+    # 'package.module:Name'); each gets checkpoints/<name>/ and its entry in results.json.
+    config.criteria = criteria.DEFAULT
 
     # True: one compiled call per cycle; False: one per step (same numbers); None: True except on
     # CPU, where convolution gradients inside a loop are 7x slower (benchmarks/README.md).

@@ -15,6 +15,8 @@ The source classifier trains into <workdir>/source (`config.source`) unless
 import ml_collections
 from ml_collections import config_dict
 
+from sarcoma_jax.adda import criteria
+
 
 def get_config(arg: str | None = None, dataset: str = "svhn_mnist") -> ml_collections.ConfigDict:
     """The digits ADDA config for `dataset` ('svhn_mnist' or 'offline')."""
@@ -22,11 +24,11 @@ def get_config(arg: str | None = None, dataset: str = "svhn_mnist") -> ml_collec
         raise ValueError(f"unknown config argument {arg!r}; use ':smoke' or nothing")
     config = ml_collections.ConfigDict()
     config.experiment = "adda"
-    config.task = "sarcoma_jax.digits:DigitsTask"
+    config.task = "digits"
     config.scheme = "adda"  # 'adda' | 'reset' (the discriminator's moments reset every 100 steps)
     config.seed = 0  # init, data order, source training
     # > 1: seeds seed, seed + 1, ... played together by one vmapped program; each seed's run
-    # (metrics, checkpoints, results) goes to <workdir>/seed_<s>/ (train_adda module docstring).
+    # (metrics, checkpoints, results) goes to <workdir>/seed_<s>/ (sarcoma_jax/adda/train.py).
     config.num_seeds = 1
     config.vmap_seeds = config_dict.placeholder(bool)  # see configs/segment_base.py
 
@@ -74,6 +76,7 @@ def get_config(arg: str | None = None, dataset: str = "svhn_mnist") -> ml_collec
     config.confusion_window = 50  # N_s evaluations
     config.confusion_delay = 2000  # discriminator steps before confusion stop may select
     config.best_loss_min_target_steps = 50
+    config.criteria = criteria.DEFAULT  # sarcoma_jax/adda/criteria
 
     config.fused_cycles = config_dict.placeholder(bool)  # None: fused except on CPU
     config.num_devices = 0  # 0 = all local devices

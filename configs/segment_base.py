@@ -64,8 +64,8 @@ def get_config(
     config.optimizer.eps = 1e-8  # TF1 AdamOptimizer's default
 
     # Before each evaluation, re-estimate BatchNorm's statistics as the mean over this many
-    # training batches ("precise BN"; see train_segment.recalibrate_batch_stats); 0 evaluates with
-    # the moving averages kept during training, which trail the weights.
+    # training batches ("precise BN"; see segment/steps.py recalibrate_batch_stats); 0 evaluates
+    # with the moving averages kept during training, which trail the weights.
     config.bn_recalibration_batches = 20
     config.batch_size = 5
     config.eval_batch_size = 25

@@ -1,6 +1,6 @@
 """Mapping a one-seed function over a leading seed axis, as `jax.vmap` or as an unrolled loop.
 
-`num_seeds` runs (train_segment, train_adda) train several seeds in one compiled program. vmap
+`num_seeds` runs (segment/train.py, adda/train.py) train several seeds in one compiled program. vmap
 turns every convolution with per-seed kernels into one grouped convolution (feature_group_count
 = seeds), which GPUs and TPUs run well but XLA:CPU runs 3-5x slower than the seeds' convolutions
 one after another (benchmarks/README.md, "Seeds per hour"). The unrolled form traces the function

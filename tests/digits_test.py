@@ -20,7 +20,12 @@ from tensorflow_datasets.image_classification import mnist
 
 from configs import adda_digits_offline, adda_svhn_mnist
 from data_pipeline import vocabulary
-from sarcoma_jax import digits, models
+from sarcoma_jax import models
+from sarcoma_jax.adda import criteria as criteria_lib
+from sarcoma_jax.digits import classifier, tfds_builders
+from sarcoma_jax.digits import data as digits_data
+from sarcoma_jax.digits import task as digits_task
+from sarcoma_jax.report import digits as report_digits
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,7 +43,7 @@ class ModelImagesTest(absltest.TestCase):
     def test_rgb_is_itu_601_luma_over_255(self):
         rgb = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 3), dtype=np.uint8)
         expected = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0
-        got = digits.to_model_images(rgb)
+        got = digits_data.to_model_images(rgb)
         self.assertEqual(got.shape, (3, 28, 28, 1))
         self.assertEqual(got.dtype, np.float32)
         # PIL rounds the luma to uint8: within half a grey level.
@@ -46,19 +51,19 @@ class ModelImagesTest(absltest.TestCase):
 
     def test_gray_28_is_only_scaled(self):
         gray = np.arange(28 * 28, dtype=np.int64).reshape(1, 28, 28, 1) % 256
-        got = digits.to_model_images(gray.astype(np.uint8))
+        got = digits_data.to_model_images(gray.astype(np.uint8))
         np.testing.assert_allclose(got, gray / 255.0, rtol=1e-6)
 
     def test_32_to_28_keeps_a_constant_image_and_a_left_right_split(self):
         image = np.full((1, 32, 32, 1), 200, np.uint8)
         image[:, :, 16:] = 20
-        got = digits.to_model_images(image)[0, ..., 0] * 255
+        got = digits_data.to_model_images(image)[0, ..., 0] * 255
         np.testing.assert_allclose(got[:, :12], 200, atol=0.5)
         np.testing.assert_allclose(got[:, 16:], 20, atol=0.5)
 
     def test_rejects_float_images(self):
         with self.assertRaises(ValueError):
-            digits.to_model_images(np.zeros((1, 28, 28, 1), np.float32))
+            digits_data.to_model_images(np.zeros((1, 28, 28, 1), np.float32))
 
 
 class OfflinePairTest(absltest.TestCase):
@@ -66,7 +71,7 @@ class OfflinePairTest(absltest.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.sizes = (400, 100, 40)
-        cls.source, cls.target = digits.offline_pair(3, cls.sizes)
+        cls.source, cls.target = digits_data.offline_pair(3, cls.sizes)
 
     def test_shapes_dtypes_ranges_and_sizes(self):
         for domain, sizes in ((self.source, self.sizes), (self.target, (1078, 359, 360))):
@@ -80,8 +85,8 @@ class OfflinePairTest(absltest.TestCase):
                 self.assertTrue(np.all((data.labels >= 0) & (data.labels <= 9)))
 
     def test_deterministic_per_seed(self):
-        again_source, again_target = digits.offline_pair(3, self.sizes)
-        other_source, other_target = digits.offline_pair(4, self.sizes)
+        again_source, again_target = digits_data.offline_pair(3, self.sizes)
+        other_source, other_target = digits_data.offline_pair(4, self.sizes)
         for split in vocabulary.SPLITS:
             np.testing.assert_array_equal(again_source[split].images, self.source[split].images)
             np.testing.assert_array_equal(again_target[split].labels, self.target[split].labels)
@@ -93,7 +98,7 @@ class OfflinePairTest(absltest.TestCase):
         np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.full(10, 54))
 
     def test_target_splits_partition_the_handwritten_digits(self):
-        everything = digits.load_handwritten_digits()
+        everything = digits_data.load_handwritten_digits()
         images = np.concatenate([self.target[split].images for split in vocabulary.SPLITS])
         labels = np.concatenate([self.target[split].labels for split in vocabulary.SPLITS])
         order = _match_by_content(images, everything.images)
@@ -102,7 +107,7 @@ class OfflinePairTest(absltest.TestCase):
 
     def test_handwritten_digits_are_scikit_learns_upsampled(self):
         reference = load_digits()
-        handwritten = digits.load_handwritten_digits()
+        handwritten = digits_data.load_handwritten_digits()
         np.testing.assert_array_equal(handwritten.labels, reference.target)
         # Averaged back over an 8x8 grid, the central 20x20 box is the 8x8 original again.
         centre = handwritten.images[:, 4:24, 4:24, 0]
@@ -141,10 +146,10 @@ class OfflinePairTest(absltest.TestCase):
         self.assertGreater(classifier.score(features(test.images), test.labels), 0.3)
 
     def test_bad_sizes_raise_a_user_error(self):
-        with self.assertRaisesRegex(digits.DigitsDataError, "source_sizes"):
-            digits.offline_pair(0, (10, 0, 5))
-        with self.assertRaisesRegex(digits.DigitsDataError, "fractions"):
-            digits.offline_pair(0, (10, 5, 5), (0.5, 0.5, 0.5))
+        with self.assertRaisesRegex(digits_data.DigitsDataError, "source_sizes"):
+            digits_data.offline_pair(0, (10, 0, 5))
+        with self.assertRaisesRegex(digits_data.DigitsDataError, "fractions"):
+            digits_data.offline_pair(0, (10, 5, 5), (0.5, 0.5, 0.5))
 
 
 def _area_downsample(image: np.ndarray, side: int) -> np.ndarray:
@@ -198,12 +203,12 @@ class TfdsWithoutTensorflowTest(_TempDirMixin, absltest.TestCase):
 
     def _load(self, name, split, files):
         with (
-            mock.patch.object(digits, "_check_reachable"),
+            mock.patch.object(tfds_builders, "_check_reachable"),
             mock.patch.object(tfds.download.DownloadManager, "download", lambda self, urls: files),
             mock.patch.object(mnist, "_TRAIN_EXAMPLES", 30),
             mock.patch.object(mnist, "_TEST_EXAMPLES", 20),
         ):
-            return digits.load_tfds_split(name, split, data_dir=str(self.folder / "tfds"))
+            return tfds_builders.load_tfds_split(name, split, data_dir=str(self.folder / "tfds"))
 
     def test_mnist_prepared_and_read_back(self):
         files, originals = _write_fake_mnist(self.folder, {"train": 30, "test": 20}, self.rng)
@@ -221,7 +226,7 @@ class TfdsWithoutTensorflowTest(_TempDirMixin, absltest.TestCase):
         files, originals = _write_fake_svhn(self.folder, {"train": 12, "test": 8}, self.rng)
         loaded = self._load("svhn_cropped", "test", files)
         images, labels = originals["test"]
-        expected = digits.to_model_images(images)
+        expected = digits_data.to_model_images(images)
         order = _match_by_content(loaded.images, expected)
         np.testing.assert_array_equal(np.sort(order), np.arange(8))
         np.testing.assert_array_equal(loaded.labels, labels[order])
@@ -230,11 +235,11 @@ class TfdsWithoutTensorflowTest(_TempDirMixin, absltest.TestCase):
     def test_no_internet_is_one_clear_line(self):
         with (
             mock.patch.object(
-                digits.socket, "create_connection", side_effect=OSError("no route to host")
+                tfds_builders.socket, "create_connection", side_effect=OSError("no route to host")
             ),
-            self.assertRaises(digits.DigitsDataError) as raised,
+            self.assertRaises(digits_data.DigitsDataError) as raised,
         ):
-            digits.load_tfds_split("mnist", "train", data_dir=str(self.folder / "tfds"))
+            tfds_builders.load_tfds_split("mnist", "train", data_dir=str(self.folder / "tfds"))
         message = str(raised.exception)
         self.assertNotIn("\n", message)
         self.assertIn("internet", message)
@@ -246,7 +251,7 @@ class SvhnMnistConfigDataTest(absltest.TestCase):
         config = adda_svhn_mnist.get_config()
         config.data.val_examples = 7
         with tfds.testing.mock_data(num_examples=25):
-            source, target = digits.load_pair(config.data)
+            source, target = digits_task.load_pair(config.data)
         for domain in (source, target):
             self.assertEqual(
                 {split: len(domain[split].labels) for split in vocabulary.SPLITS},
@@ -265,16 +270,16 @@ class SvhnMnistConfigDataTest(absltest.TestCase):
         config.data.val_examples = 25
         with (
             tfds.testing.mock_data(num_examples=25),
-            self.assertRaisesRegex(digits.DigitsDataError, "val_examples"),
+            self.assertRaisesRegex(digits_data.DigitsDataError, "val_examples"),
         ):
-            digits.load_pair(config.data)
+            digits_task.load_pair(config.data)
 
 
 class SourceClassifierTest(absltest.TestCase):
     def test_learns_keeps_the_best_epoch_and_is_deterministic(self):
-        source, _ = digits.offline_pair(1, (200, 60, 10))
-        optimizer = digits.create_classifier_optimizer()  # one object: one compilation
-        params, history = digits.train_source_classifier(
+        source, _ = digits_data.offline_pair(1, (200, 60, 10))
+        optimizer = classifier.create_classifier_optimizer()  # one object: one compilation
+        params, history = classifier.train_source_classifier(
             source, seed=0, num_epochs=3, optimizer=optimizer
         )
         self.assertLen(history, 3)
@@ -282,14 +287,17 @@ class SourceClassifierTest(absltest.TestCase):
         model = models.LeNetEncoder()
         logits = model.apply({"params": params}, source["val"].images, train=False)
         expected = float(np.mean(np.argmax(np.asarray(logits), -1) == source["val"].labels))
-        self.assertAlmostEqual(digits.accuracy(params, model, source["val"]), expected)
+        self.assertAlmostEqual(classifier.accuracy(params, model, source["val"]), expected)
         self.assertEqual(max(h["val_accuracy"] for h in history), expected)
-        again, _ = digits.train_source_classifier(source, seed=0, num_epochs=3, optimizer=optimizer)
+        again, _ = classifier.train_source_classifier(
+            source, seed=0, num_epochs=3, optimizer=optimizer
+        )
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True):
             np.testing.assert_array_equal(a, b)
 
 
 def _write_results(workdir: pathlib.Path, scheme: str, seed: int, source: float, values: dict):
+    """results.json of a digits run that ran the default criteria; `values` those it reached."""
     criteria = {name: {"test": {"accuracy": value}} for name, value in values.items()}
     workdir.mkdir(parents=True)
     (workdir / "results.json").write_text(
@@ -299,6 +307,7 @@ def _write_results(workdir: pathlib.Path, scheme: str, seed: int, source: float,
                 "seed": seed,
                 "source_test": {"accuracy": source},
                 "criteria": criteria,
+                "criteria_not_reached": [c for c in criteria_lib.DEFAULT if c not in values],
             }
         )
     )
@@ -318,7 +327,7 @@ class Table103Test(_TempDirMixin, absltest.TestCase):
         _write_results(root / "a1", "adda", 1, 0.94, {**full, "initial": 0.64, "latest": 0.85})
         _write_results(root / "r0", "reset", 0, 0.9, {"initial": 0.6, "latest": 0.7})
         _write_results(root / "r1", "reset", 1, 0.94, {"initial": 0.64, "latest": 0.72})
-        table = digits.table_10_3(sorted(root.iterdir()), include_thesis=False)
+        table = report_digits.table_10_3(sorted(root.iterdir()), include_thesis=False)
         lines = table.strip().splitlines()
         self.assertLen(lines, 4)
         adda = [cell.strip() for cell in lines[2].strip("|").split("|")]
@@ -336,7 +345,7 @@ class Table103Test(_TempDirMixin, absltest.TestCase):
     def test_thesis_rows(self):
         root = self._temp_dir()
         _write_results(root / "a", "adda", 0, 0.9, {"initial": 0.5})
-        table = digits.table_10_3([root / "a"])
+        table = report_digits.table_10_3([root / "a"])
         self.assertIn(
             "| 0.9095 | 0.6424 | ADDA (thesis, SVHN→MNIST) | 0.8218 | 0.7994 | 0.8128 | 0.7994 |",
             table,
@@ -372,13 +381,13 @@ class OfflineSmokeEndToEndTest(_TempDirMixin, absltest.TestCase):
             self.assertTrue(0.0 <= results["criteria"][name]["test"]["accuracy"] <= 1.0)
         # 'initial' (before DA) is the trained source classifier on the target test split.
         config = adda_digits_offline.get_config("smoke")
-        _, target = digits.offline_pair(config.data.seed, config.data.source_sizes)
-        variables = digits.DigitsTask().source_variables(config, workdir, data=None)
+        _, target = digits_data.offline_pair(config.data.seed, config.data.source_sizes)
+        variables = digits_task.DigitsTask().source_variables(config, workdir, data=None)
         logits = models.LeNetEncoder().apply(variables, target["test"].images, train=False)
         expected = np.mean(np.argmax(np.asarray(logits), -1) == target["test"].labels)
         self.assertAlmostEqual(results["criteria"]["initial"]["test"]["accuracy"], expected)
-        self.assertTrue((workdir / "source" / digits.SOURCE_RUN_FILE).is_file())
-        table = digits.table_10_3([workdir], include_thesis=False)
+        self.assertTrue((workdir / "source" / digits_task.SOURCE_RUN_FILE).is_file())
+        table = report_digits.table_10_3([workdir], include_thesis=False)
         self.assertIn("| RESET |", table)
 
 

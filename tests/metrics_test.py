@@ -81,6 +81,25 @@ class SegmentationMetricsTest(parameterized.TestCase):
         auc = metrics.roc_auc(np.array([0.8, 0.5, 0.5, 0.2]), np.array([1, 1, 0, 0]))
         self.assertEqual(auc, 3.5 / 4)
 
+    def test_auc_from_logits_keeps_what_float32_sigmoids_tie(self):
+        # Logits above ~17 all round to 1.0 as float32 sigmoids, where they would tie; ranked as
+        # logits they keep their order. Scored with threshold 0 (p >= 0.5) as the loops do.
+        rng = np.random.default_rng(0)
+        labels = rng.uniform(size=(3, 6, 6)) > 0.5
+        logits = np.where(labels, 20.0, 18.0) + rng.uniform(0, 1, labels.shape)
+        logits = logits.astype(np.float32)
+        result = metrics.segmentation_metrics(logits, labels, threshold=0.0)
+        expected = sk_metrics.roc_auc_score(labels.ravel(), logits.astype(np.float64).ravel())
+        self.assertEqual(result["auc"], expected)
+        self.assertEqual(result["auc"], 1.0)  # every positive logit above every negative one
+        sigmoids = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))
+        self.assertEqual(len(np.unique(sigmoids)), 1)  # float32 probabilities: all 1.0, one tie
+        self.assertEqual(metrics.roc_auc(sigmoids, labels), 0.5)
+        # F1 at logit 0 is F1 at p = 0.5: everything is predicted tumour here.
+        self.assertAlmostEqual(
+            result["f1"], metrics.segmentation_metrics(sigmoids, labels)["f1"], places=12
+        )
+
     def test_auc_single_class_is_nan(self):
         self.assertTrue(np.isnan(metrics.roc_auc(np.array([0.1, 0.9]), np.array([0, 0]))))
 

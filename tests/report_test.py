@@ -14,7 +14,13 @@ import orbax.checkpoint as ocp
 from absl.testing import absltest
 
 from data_pipeline import vocabulary
-from sarcoma_jax import models, report, train_adda
+from sarcoma_jax import models, report
+from sarcoma_jax.adda import criteria as criteria_lib
+from sarcoma_jax.adda import game as game_lib
+from sarcoma_jax.adda import segmentation
+from sarcoma_jax.adda import task as task_lib
+from sarcoma_jax.report import overlays, plots, tables, thesis
+from sarcoma_jax.report import runs as report_runs
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG"
@@ -36,7 +42,7 @@ def _write(
     history=(),
     commit: str = "0123456789abcdef",
 ) -> pathlib.Path:
-    """A workdir as train_segment / train_adda leave it (only the files the report reads)."""
+    """A workdir as segment/train.py / adda/train.py leave it (only the files the report reads)."""
     workdir.mkdir(parents=True)
     (workdir / "config.json").write_text(json.dumps(config))
     if results is not None:
@@ -80,8 +86,9 @@ def segmentation_workdir(root, name, modality, seed, test, baseline_f1, num_epoc
 
 
 def adda_workdir(root, name, scheme, seed, f1_by_criterion, target="PET", finished=True):
-    """An ADDA workdir (layout of train_adda.train_and_evaluate); accuracy = 0.9 + f1 / 10, AUC =
-    0.5 + f1 for every criterion, so all three metrics have hand-computable cells."""
+    """An ADDA workdir as runs before the criterion registry left it (no labels recorded);
+    accuracy = 0.9 + f1 / 10, AUC = 0.5 + f1 for every criterion, so all three metrics have
+    hand-computable cells."""
     config = {
         "experiment": "adda",
         "task": "segmentation",
@@ -113,7 +120,7 @@ def adda_workdir(root, name, scheme, seed, f1_by_criterion, target="PET", finish
         "seed": seed,
         "primary_metric": "f1",
         "criteria": criteria,
-        "criteria_not_reached": [c for c in train_adda.CRITERIA if c not in criteria],
+        "criteria_not_reached": [c for c in criteria_lib.DEFAULT if c not in criteria],
         "source_test": _metrics(0.8, 0.98, 0.95),
         "wall_time_s": 5.0,
     }
@@ -136,7 +143,7 @@ def adda_workdir(root, name, scheme, seed, f1_by_criterion, target="PET", finish
 
 
 def digits_workdir(root, name, scheme, seed, accuracy_by_criterion, source_accuracy):
-    """A digits ADDA workdir (train_adda with sarcoma_jax.digits.DigitsTask)."""
+    """A digits ADDA workdir (an ADDA run of the digits task, written before the registry)."""
     config = {
         "experiment": "adda",
         "task": "sarcoma_jax.digits:DigitsTask",
@@ -153,6 +160,7 @@ def digits_workdir(root, name, scheme, seed, accuracy_by_criterion, source_accur
             name: {"step": 5, "test": {"accuracy": value}, "val": {"accuracy": value}}
             for name, value in accuracy_by_criterion.items()
         },
+        "criteria_not_reached": [c for c in criteria_lib.DEFAULT if c not in accuracy_by_criterion],
         "source_test": {"accuracy": source_accuracy},
     }
     history = [
@@ -196,19 +204,19 @@ class ThesisNumbersTest(absltest.TestCase):
             "T2->PT": (0.3799, 0.0268, 0.2602),
         }
         self.assertEqual(
-            {pair: row["f1"] for pair, row in report.THESIS_TABLE_15_6.items()}, spec_f1
+            {pair: row["f1"] for pair, row in thesis.THESIS_TABLE_15_6.items()}, spec_f1
         )
 
     def test_table_15_7_confusion_column_is_table_15_6(self):
         # The thesis prints the confusion-stop F1 twice (Tables 15-6 and 15-7): the two
         # transcriptions must agree.
-        for pair, row in report.THESIS_TABLE_15_6.items():
+        for pair, row in thesis.THESIS_TABLE_15_6.items():
             _, adda_f1, reset_f1 = row["f1"]
-            self.assertEqual(report.THESIS_TABLE_15_7[pair]["adda"]["confusion"], adda_f1, pair)
-            self.assertEqual(report.THESIS_TABLE_15_7[pair]["reset"]["confusion"], reset_f1, pair)
+            self.assertEqual(thesis.THESIS_TABLE_15_7[pair]["adda"]["confusion"], adda_f1, pair)
+            self.assertEqual(thesis.THESIS_TABLE_15_7[pair]["reset"]["confusion"], reset_f1, pair)
 
     def test_segmentation_numbers_are_spec_section_7(self):
-        conv = report.THESIS_TABLE_15_4["conv"]
+        conv = thesis.THESIS_TABLE_15_4["conv"]
         self.assertEqual(
             {modality: tuple(conv[modality].values()) for modality in conv},
             {
@@ -217,24 +225,24 @@ class ThesisNumbersTest(absltest.TestCase):
                 "CT": (0.844, 0.917, 0.903),
             },
         )
-        self.assertEqual(report.THESIS_ZERO_RATIO, {"CT": 0.9848, "PT": 0.9904, "T2": 0.9631})
+        self.assertEqual(thesis.THESIS_ZERO_RATIO, {"CT": 0.9848, "PT": 0.9904, "T2": 0.9631})
 
 
 class FormattingTest(absltest.TestCase):
     def test_mean_sd(self):
         # mean 0.3, sample sd sqrt(((-0.2)^2 + (-0.1)^2 + 0.3^2) / 2) = sqrt(0.07) = 0.26458
-        self.assertEqual(report.mean_sd([0.1, 0.2, 0.6]), "0.3000 ± 0.2646 (n=3)")
-        self.assertEqual(report.mean_sd([0.5, None]), "0.5000 (n=1)")
-        self.assertEqual(report.mean_sd([]), "–")
-        self.assertEqual(report.mean_sd([0.1, 0.3], decimals=2, show_n=False), "0.20 ± 0.14")
+        self.assertEqual(tables.mean_sd([0.1, 0.2, 0.6]), "0.3000 ± 0.2646 (n=3)")
+        self.assertEqual(tables.mean_sd([0.5, None]), "0.5000 (n=1)")
+        self.assertEqual(tables.mean_sd([]), "–")
+        self.assertEqual(tables.mean_sd([0.1, 0.3], decimals=2, show_n=False), "0.20 ± 0.14")
 
     def test_latex_escape(self):
         self.assertEqual(
-            report.latex_escape("CT→PT 0.1 ± 0.2 a_b 5% –"), r"CT$\to$PT 0.1 $\pm$ 0.2 a\_b 5\% --"
+            tables.latex_escape("CT→PT 0.1 ± 0.2 a_b 5% –"), r"CT$\to$PT 0.1 $\pm$ 0.2 a\_b 5\% --"
         )
 
     def test_latex_table_is_booktabs(self):
-        table = report.Table("t", "cap", ["a", "b", "c"], [["x", "y", "1"], ["z", "y", "2"]], 2)
+        table = tables.Table("t", "cap", ["a", "b", "c"], [["x", "y", "1"], ["z", "y", "2"]], 2)
         latex = table.to_latex()
         for command in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}{llc}"):
             self.assertIn(command, latex)
@@ -244,10 +252,10 @@ class FormattingTest(absltest.TestCase):
 
     def test_select_overlay_slices(self):
         f1 = np.arange(10) / 10  # 60th percentile 0.54, 80th 0.72: 0.6 and 0.7 lie in the band
-        np.testing.assert_array_equal(report.select_overlay_slices(f1, 2), [6, 7])
+        np.testing.assert_array_equal(overlays.select_overlay_slices(f1, 2), [6, 7])
         # Fewer in the band: the nearest to the 70th percentile (0.63): 0.6, 0.7, 0.5, 0.8.
-        np.testing.assert_array_equal(report.select_overlay_slices(f1, 4), [5, 6, 7, 8])
-        self.assertLen(report.select_overlay_slices(f1[:3], 5), 3)
+        np.testing.assert_array_equal(overlays.select_overlay_slices(f1, 4), [5, 6, 7, 8])
+        self.assertLen(overlays.select_overlay_slices(f1[:3], 5), 3)
 
 
 class ReportTest(absltest.TestCase):
@@ -354,11 +362,11 @@ class ReportTest(absltest.TestCase):
         self.assertIn("CT$\\to$PT", (self.out / "da.tex").read_text())
 
     def test_thesis_pair_for_other_mr_sequences(self):
-        self.assertEqual(report._thesis_pair("CT->PT"), ("CT->PT", ""))
-        self.assertEqual(report._thesis_pair("CT->T1"), ("CT->T2", " (T2)"))
-        self.assertEqual(report._thesis_pair("T1->PT"), ("T2->PT", " (T2)"))
-        self.assertEqual(report._thesis_pair("T1->T2"), (None, ""))  # T2->T2 is no thesis pair
-        self.assertEqual(report._thesis_value(0.1107, mark=" (T2)"), "0.1107 (T2)")
+        self.assertEqual(thesis.thesis_pair("CT->PT"), ("CT->PT", ""))
+        self.assertEqual(thesis.thesis_pair("CT->T1"), ("CT->T2", " (T2)"))
+        self.assertEqual(thesis.thesis_pair("T1->PT"), ("T2->PT", " (T2)"))
+        self.assertEqual(thesis.thesis_pair("T1->T2"), (None, ""))  # T2->T2 is no thesis pair
+        self.assertEqual(thesis.thesis_value(0.1107, mark=" (T2)"), "0.1107 (T2)")
 
     def test_stopping_table(self):
         markdown = (self.out / "stopping.md").read_text()
@@ -414,19 +422,19 @@ class BoxPlotTest(absltest.TestCase):
     def test_per_image_f1_when_every_run_records_it(self):
         root = _temp_dir(self)
         runs = []
-        for scheme in train_adda.SCHEMES:
+        for scheme in game_lib.SCHEMES:
             workdir = adda_workdir(root, scheme, scheme, 0, {"initial": 0.1, "confusion": 0.2})
             results = json.loads((workdir / "results.json").read_text())
             for entry in results["criteria"].values():
                 entry["test_per_image"] = {"patient_key": ["a", "b"], "f1": [0.0, 1.0]}
             (workdir / "results.json").write_text(json.dumps(results))
-            runs.append(report.load_run(workdir))
-        caption = report.plot_da_boxplots([("CT->PT", runs)], root / "per_image.png")
+            runs.append(report_runs.load_run(workdir))
+        caption = plots.plot_da_boxplots([("CT->PT", runs)], root / "per_image.png")
         self.assertEqual(
             caption, "F1: per test image, pooled over seeds; accuracy: one value per seed."
         )
         del runs[1].results["criteria"]["confusion"]["test_per_image"]
-        caption = report.plot_da_boxplots([("CT->PT", runs)], root / "per_seed.png")
+        caption = plots.plot_da_boxplots([("CT->PT", runs)], root / "per_seed.png")
         self.assertEqual(caption, "F1: one value per seed; accuracy: one value per seed.")
         self.assertEqual((root / "per_seed.png").read_bytes()[:4], PNG_MAGIC)
 
@@ -502,7 +510,7 @@ def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * np.logical_and(prediction, truth).sum() / total
 
 
-class TinyOverlayTask(train_adda.SegmentationTask):
+class TinyOverlayTask(segmentation.SegmentationTask):
     """Target test data for the overlay test: bright squares on noise (no index, no files)."""
 
     def load_data(self, config):
@@ -514,7 +522,7 @@ class TinyOverlayTask(train_adda.SegmentationTask):
             masks[index, index : index + 3, 2:5] = 1
         images = np.where(masks > 0, 0.9, rng.uniform(0, 0.3, masks.shape)).astype(np.float32)
         split = {"image": images, "mask": masks}
-        return train_adda.DomainData(
+        return task_lib.DomainData(
             source={name: split for name in vocabulary.SPLITS},
             target={name: split for name in vocabulary.SPLITS},
         )
@@ -526,15 +534,15 @@ class OverlayTest(absltest.TestCase):
         images, probs = rng.uniform(size=(2, 3, 8, 8, 1))
         masks = (images > 0.5).astype(np.uint8)
         path = _temp_dir(self) / "overlay.png"
-        report.plot_before_after(images, masks, probs, 1 - probs, path, title="t")
+        overlays.plot_before_after(images, masks, probs, 1 - probs, path, title="t")
         self.assertEqual(path.read_bytes()[:4], PNG_MAGIC)
 
     def test_without_checkpoints_gives_a_note(self):
         root = _temp_dir(self)
-        run = report.load_run(
+        run = report_runs.load_run(
             adda_workdir(root, "w", "adda", 0, {"initial": 0.1, "confusion": 0.2})
         )
-        note = report.render_overlays(run, root / "overlay.png", 4, {})
+        note = overlays.render_overlays(run, root / "overlay.png", 4, {})
         self.assertIn("no checkpoints/initial", note)
         self.assertFalse((root / "overlay.png").exists())
 
@@ -572,13 +580,13 @@ class OverlayTest(absltest.TestCase):
         (workdir / "results.json").write_text(json.dumps(results))
 
         path = root / "overlay.png"
-        note = report.render_overlays(report.load_run(workdir), path, 3, {})
+        note = overlays.render_overlays(report_runs.load_run(workdir), path, 3, {})
         self.assertIsNone(note)
         self.assertEqual(path.read_bytes()[:4], PNG_MAGIC)
 
         results["criteria"]["confusion"]["test"]["f1"] = recorded_f1["confusion"] + 0.5
         (workdir / "results.json").write_text(json.dumps(results))
-        note = report.render_overlays(report.load_run(workdir), path, 3, {})
+        note = overlays.render_overlays(report_runs.load_run(workdir), path, 3, {})
         self.assertIn("differs from results.json", note)
 
 

@@ -17,7 +17,9 @@ from absl.testing import absltest
 
 from data_pipeline import index as index_lib
 from data_pipeline import loader
-from sarcoma_jax import baseline, input_pipeline, report, train_segment
+from sarcoma_jax import baseline, checkpoints, input_pipeline, report
+from sarcoma_jax.segment import steps
+from sarcoma_jax.segment import train as segment_train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # configs/ is imported as a package from the repo root.
@@ -98,16 +100,16 @@ def _interrupt_after(stop_step: int):
 
 def _params(workdir: pathlib.Path, config) -> dict:
     """The latest checkpoint's params and batch stats, as numpy."""
-    model = train_segment.create_model(config.model)
+    model = steps.create_model(config.model)
     size = config.data.image_size
-    template = train_segment.create_train_state(
+    template = steps.create_train_state(
         jax.random.PRNGKey(0),
         model,
         (size, size, 1),
-        train_segment.create_optimizer(config.optimizer),
+        steps.create_optimizer(config.optimizer),
     )
-    manager = train_segment._checkpoint_manager(workdir / "checkpoints" / "latest")
-    state, _ = train_segment._restore(manager, template)
+    manager = checkpoints.manager(workdir / "checkpoints" / "latest")
+    state, _ = checkpoints.restore(manager, template)
     manager.close()
     return jax.device_get(
         {
@@ -123,14 +125,14 @@ class TrainSegmentTest(absltest.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.tmp = pathlib.Path(tempfile.mkdtemp(prefix="train_segment_test_"))
+        cls.tmp = pathlib.Path(tempfile.mkdtemp(prefix="segment_train_test_"))
         cls.addClassCleanup(shutil.rmtree, cls.tmp, ignore_errors=True)
         cls.index_dir = cls.tmp / "index"
         write_tiny_index(cls.index_dir)
         cls.config = tiny_config(cls.index_dir)
         # One uninterrupted run, shared by the tests below.
         cls.full_dir = cls.tmp / "full"
-        cls.full_results = train_segment.train_and_evaluate(cls.config, cls.full_dir)
+        cls.full_results = segment_train.train_and_evaluate(cls.config, cls.full_dir)
 
     def test_writes_all_outputs(self):
         for name in (
@@ -181,9 +183,9 @@ class TrainSegmentTest(absltest.TestCase):
         workdir = self.tmp / "interrupted"
         # Step 9: mid-epoch 2 (6 steps per epoch), one step after the checkpoint at step 8.
         with self.assertRaises(Interrupted):
-            train_segment.train_and_evaluate(self.config, workdir, step_hook=_interrupt_after(9))
+            segment_train.train_and_evaluate(self.config, workdir, step_hook=_interrupt_after(9))
         self.assertFalse((workdir / "results.json").exists())
-        resumed = train_segment.train_and_evaluate(self.config, workdir)
+        resumed = segment_train.train_and_evaluate(self.config, workdir)
 
         expected, actual = _params(self.full_dir, self.config), _params(workdir, self.config)
         jax.tree.map(np.testing.assert_array_equal, expected, actual)
@@ -197,7 +199,7 @@ class TrainSegmentTest(absltest.TestCase):
         other = tiny_config(self.index_dir)
         other.optimizer.learning_rate = 0.5
         with self.assertRaisesRegex(input_pipeline.ConfigError, "another config"):
-            train_segment.train_and_evaluate(other, self.full_dir)
+            segment_train.train_and_evaluate(other, self.full_dir)
 
 
 class NumSeedsTest(absltest.TestCase):
@@ -209,12 +211,12 @@ class NumSeedsTest(absltest.TestCase):
         write_tiny_index(tmp / "index")
         config = tiny_config(tmp / "index")
         config.seed, config.num_seeds = 3, 2
-        summary = train_segment.train_and_evaluate(config, tmp / "vmapped")
+        summary = segment_train.train_and_evaluate(config, tmp / "vmapped")
         self.assertEqual(sorted(summary["seeds"]), ["3", "4"])
         for seed in (3, 4):
-            single = train_segment.seed_config(config, seed)
+            single = segment_train.seed_config(config, seed)
             self.assertEqual(single.num_seeds, 1)
-            expected = train_segment.train_and_evaluate(single, tmp / f"single_{seed}")
+            expected = segment_train.train_and_evaluate(single, tmp / f"single_{seed}")
             seed_dir = tmp / "vmapped" / f"seed_{seed}"
             got = json.loads((seed_dir / "results.json").read_text())
             self.assertEqual(got["seed"], seed)
@@ -240,26 +242,48 @@ class NumSeedsTest(absltest.TestCase):
         runs, _ = report.load_runs([tmp / "vmapped"])
         self.assertEqual(sorted(run.seed for run in runs), [3, 4])
 
+    def test_killed_run_of_seeds_resumes_to_the_same_result(self):
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix="num_seeds_resume_test_"))
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+        write_tiny_index(tmp / "index")
+        config = tiny_config(tmp / "index")
+        config.num_seeds = 2
+        whole = segment_train.train_and_evaluate(config, tmp / "whole")
+        # Step 9: mid-epoch 2 (6 steps per epoch), one step after the checkpoint at step 8.
+        with self.assertRaises(Interrupted):
+            segment_train.train_and_evaluate(config, tmp / "killed", step_hook=_interrupt_after(9))
+        rows_at_kill = (tmp / "killed" / "seed_1" / "metrics.jsonl").read_text().splitlines()
+        self.assertLen(rows_at_kill, 1)  # epoch 1's row; the run was killed in epoch 2
+        resumed = segment_train.train_and_evaluate(config, tmp / "killed")
+        self.assertEqual(resumed["seeds"], whole["seeds"])
+        for seed in ("seed_0", "seed_1"):
+            self.assertEqual(
+                (tmp / "killed" / seed / "metrics.jsonl").read_text(),
+                (tmp / "whole" / seed / "metrics.jsonl").read_text(),
+            )
+
     def test_bad_num_seeds_is_a_config_error(self):
         config = tiny_config(pathlib.Path("/nonexistent"))
         config.num_seeds = 0
-        with self.assertRaisesRegex(input_pipeline.ConfigError, "num_seeds must be >= 1"):
-            train_segment.train_and_evaluate(config, "/tmp/never_written")
+        with self.assertRaisesRegex(
+            input_pipeline.ConfigError, "num_seeds must be an integer >= 1"
+        ):
+            segment_train.train_and_evaluate(config, "/tmp/never_written")
 
 
 _DEVICES_SCRIPT = """
 import json, pathlib, sys
 sys.path.insert(0, sys.argv[1])
 import jax
-import train_segment_test as t
-from sarcoma_jax import train_segment
+import segment_train_test as t
+from sarcoma_jax.segment import train as segment_train
 assert jax.local_device_count() == 4, jax.devices()
 tmp = pathlib.Path(sys.argv[2])
 output = {}
 for name, num_devices, num_seeds in (("one", 1, 1), ("four", 4, 1), ("four_seeds", 4, 2)):
     config = t.tiny_config(tmp / "index")
     config.batch_size, config.num_devices, config.num_seeds = 4, num_devices, num_seeds
-    summary = train_segment.train_and_evaluate(config, tmp / name)
+    summary = segment_train.train_and_evaluate(config, tmp / name)
     run = tmp / name / ("seed_0" if num_seeds > 1 else "")
     output[name] = {
         "devices": summary["devices"],
@@ -269,8 +293,8 @@ for name, num_devices, num_seeds in (("one", 1, 1), ("four", 4, 1), ("four_seeds
 config = t.tiny_config(tmp / "index")
 config.batch_size = 5
 try:
-    train_segment.train_and_evaluate(config, tmp / "odd")
-except train_segment.input_pipeline.ConfigError as error:
+    segment_train.train_and_evaluate(config, tmp / "odd")
+except segment_train.input_pipeline.ConfigError as error:
     output["odd_batch_error"] = str(error)
 print(json.dumps(output))
 """
@@ -319,19 +343,19 @@ class RecalibrateBatchStatsTest(absltest.TestCase):
             "mask": np.zeros((7, 4, 4, 2), np.uint8),
         }
         model = _OneBatchNorm()
-        state = train_segment.create_train_state(
+        state = steps.create_train_state(
             jax.random.PRNGKey(0),
             model,
             (4, 4, 2),
-            train_segment.create_optimizer(tiny_config(pathlib.Path(".")).optimizer),
+            steps.create_optimizer(tiny_config(pathlib.Path(".")).optimizer),
         )
         stats_fn = jax.jit(
             functools.partial(
-                train_segment.batch_stats_step,
+                steps.batch_stats_step,
                 stats_apply_fn=model.clone(bn_momentum=0.0).apply,
             )
         )
-        recalibrated = train_segment.recalibrate_batch_stats(
+        recalibrated = steps.recalibrate_batch_stats(
             stats_fn, state, train_data, batch_size=3, num_batches=4, seed=5
         )
         # Independently: the same 4 batches, per-channel mean and (biased) variance in float64.
@@ -342,7 +366,7 @@ class RecalibrateBatchStatsTest(absltest.TestCase):
         stats = recalibrated.batch_stats["BatchNorm_0"]
         np.testing.assert_allclose(stats["mean"], expected_mean, rtol=1e-5)
         np.testing.assert_allclose(stats["var"], expected_var, rtol=1e-4)
-        unchanged = train_segment.recalibrate_batch_stats(
+        unchanged = steps.recalibrate_batch_stats(
             stats_fn, state, train_data, batch_size=3, num_batches=0, seed=5
         )
         self.assertIs(unchanged, state)

@@ -1,4 +1,4 @@
-"""Tests for sarcoma_jax.train_adda: the game, its criteria, resume, faults, devices, configs."""
+"""Tests for sarcoma_jax.adda: the loop, criteria in runs, resume, faults, devices, configs."""
 
 import functools
 import importlib
@@ -19,7 +19,12 @@ from absl.testing import absltest, parameterized
 
 from configs import adda, adda_base, adda_ct_pt, adda_t2_ct, adda_t2_pt
 from data_pipeline import loader
-from sarcoma_jax import models, report, train_adda
+from sarcoma_jax import checkpoints, models, report
+from sarcoma_jax.adda import criteria, programs, results, segmentation
+from sarcoma_jax.adda import game as game_lib
+from sarcoma_jax.adda import task as task_lib
+from sarcoma_jax.adda import train as adda_train
+from sarcoma_jax.input_pipeline import ConfigError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 16
@@ -46,7 +51,7 @@ def _toy_domain(rng: np.random.Generator, count: int, inverted: bool) -> dict[st
     return {"image": images, "mask": masks}
 
 
-class ToyTask(train_adda.SegmentationTask):
+class ToyTask(segmentation.SegmentationTask):
     """Segmentation on tiny synthetic images; the source map is a random initialisation."""
 
     def validate_config(self, config):
@@ -58,7 +63,7 @@ class ToyTask(train_adda.SegmentationTask):
         source = {split: _toy_domain(rng, n, inverted=False) for split, n in sizes.items()}
         sizes["val"] = 9  # unequal val sets exercise the wrap-around of the mixed batches
         target = {split: _toy_domain(rng, n, inverted=True) for split, n in sizes.items()}
-        return train_adda.DomainData(source=source, target=target)
+        return task_lib.DomainData(source=source, target=target)
 
     def source_variables(self, config, workdir, data):
         del workdir
@@ -106,7 +111,7 @@ def toy_config(**overrides):
 
 
 def run_toy(workdir, cycle_hook=None, **overrides):
-    return train_adda.train_and_evaluate(
+    return adda_train.train_and_evaluate(
         toy_config(**overrides), workdir, task=ToyTask(), cycle_hook=cycle_hook
     )
 
@@ -118,7 +123,7 @@ def read_rows(workdir) -> list[dict]:
 
 
 def final_target_params(workdir) -> dict:
-    manager = train_adda._checkpoint_manager(pathlib.Path(workdir) / "checkpoints" / "latest")
+    manager = checkpoints.manager(pathlib.Path(workdir) / "checkpoints" / "latest")
     restored = manager.restore(manager.latest_step())
     return restored["state"]["params"]
 
@@ -141,8 +146,8 @@ _DEVICES_SCRIPT = """
 import json, pathlib, sys, tempfile
 sys.path.insert(0, sys.argv[1])
 import jax
-import train_adda_test as t
-from sarcoma_jax import train_adda
+import adda_train_test as t
+from sarcoma_jax.adda import train as adda_train
 assert jax.local_device_count() == 4, jax.devices()
 output = {}
 with tempfile.TemporaryDirectory() as tmp:
@@ -151,7 +156,7 @@ with tempfile.TemporaryDirectory() as tmp:
     output["rows"] = t.read_rows(workdir)
     try:
         t.run_toy(pathlib.Path(tmp) / "odd", batch_size=5)
-    except train_adda.ConfigError as error:
+    except adda_train.ConfigError as error:
         output["odd_batch_error"] = str(error)
 print(json.dumps(output))
 """
@@ -161,7 +166,7 @@ _HOSTS_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import main
-import train_adda_test as t
+import adda_train_test as t
 config = t.toy_config(**{
     "distributed.coordinator_address": f"localhost:{sys.argv[2]}",
     "distributed.num_processes": 2,
@@ -169,7 +174,7 @@ config = t.toy_config(**{
 })
 main.initialize_distributed(config)
 import jax
-from sarcoma_jax import train_adda
+from sarcoma_jax.adda import train as adda_train
 assert (jax.process_count(), jax.device_count()) == (2, 4), jax.devices()
 kill_after = int(sys.argv[5])
 
@@ -179,7 +184,7 @@ def hook(completed_phases):
         sys.exit(3)  # both hosts killed after the same phase
 
 
-results = train_adda.train_and_evaluate(config, sys.argv[4], task=t.ToyTask(), cycle_hook=hook)
+results = adda_train.train_and_evaluate(config, sys.argv[4], task=t.ToyTask(), cycle_hook=hook)
 print(json.dumps({"devices": results["devices"], "hosts": results["hosts"]}))
 """
 
@@ -269,7 +274,7 @@ class ToyGameTest(absltest.TestCase):
         results = self.reference
         self.assertEqual(results["pair"], "CT->PT")
         self.assertEqual(results["scheme"], "adda")
-        self.assertEqual(set(results["criteria"]), set(train_adda.CRITERIA))
+        self.assertEqual(set(results["criteria"]), set(criteria.DEFAULT))
         for entry in results["criteria"].values():
             for split in ("test", "val"):
                 self.assertLessEqual({"f1", "dice", "accuracy", "auc"}, set(entry[split]))
@@ -280,6 +285,37 @@ class ToyGameTest(absltest.TestCase):
         self.assertLessEqual({"f1", "dice", "accuracy", "auc"}, set(results["source_test"]))
         for name in ("config.json", "provenance.json", "results.json"):
             self.assertTrue((self.reference_dir / name).is_file(), name)
+
+    def test_a_criterion_defined_in_a_test_file_runs_through_the_registry(self):
+        # criteria_test.LowestDiscLoss is defined in that test file alone; naming it in
+        # config.criteria gives it a checkpoint folder, a score column, an entry in results.json
+        # and a column in the report's stopping table. It asserts, while traced, that it never
+        # sees target labels.
+        workdir = pathlib.Path(self.tmp.name) / "new_criterion"
+        names = (*criteria.DEFAULT, "criteria_test:LowestDiscLoss")
+        results = run_toy(workdir, criteria=names)
+        rows = read_rows(workdir)
+        after_start = rows[1:]
+        lowest = min(row["disc_loss"] for row in after_start)
+        step = [row["step"] for row in after_start if row["disc_loss"] == lowest][-1]
+        entry = results["criteria"]["lowest_disc_loss"]
+        self.assertEqual(entry["step"], step)
+        self.assertEqual(entry["label"], "lowest discriminator loss")
+        self.assertNotIn("oracle", entry)
+        np.testing.assert_allclose(entry["selection"]["disc_loss"], lowest, rtol=1e-6)
+        for row in rows:
+            self.assertIn("lowest_disc_loss_score", row)
+        self.assertEqual(
+            checkpoints.latest_step(workdir / "checkpoints" / "lowest_disc_loss"), step
+        )
+        for name in criteria.DEFAULT:  # the others as in a run without it
+            self.assertEqual(
+                results["criteria"][name]["step"], self.reference["criteria"][name]["step"]
+            )
+        out = pathlib.Path(self.tmp.name) / "new_criterion_report"
+        report.write_report([workdir], out, overlays=False, progress=False)
+        stopping = (out / "stopping.md").read_text()
+        self.assertIn("lowest discriminator loss ADDA", stopping)
 
     def test_initial_criterion_is_the_source_map(self):
         # Before DA the target map is the source map: same outputs on target test, so the same F1
@@ -297,9 +333,9 @@ class ToyGameTest(absltest.TestCase):
 
     def test_fused_cycles_default_to_unfused_on_cpu_only(self):
         config = toy_config(fused_cycles=None)
-        self.assertEqual(train_adda.fused_cycles(config), jax.default_backend() != "cpu")
-        self.assertTrue(train_adda.fused_cycles(toy_config(fused_cycles=True)))
-        self.assertFalse(train_adda.fused_cycles(toy_config(fused_cycles=False)))
+        self.assertEqual(programs.fused_cycles(config), jax.default_backend() != "cpu")
+        self.assertTrue(programs.fused_cycles(toy_config(fused_cycles=True)))
+        self.assertFalse(programs.fused_cycles(toy_config(fused_cycles=False)))
 
     def test_fused_and_unfused_cycles_give_the_same_numbers(self):
         workdir = pathlib.Path(self.tmp.name) / "unfused"
@@ -369,7 +405,7 @@ class ToyGameTest(absltest.TestCase):
             {"disc_loss": 0.25, "confusion_score": -0.0, "target_val_f1": 0.12345},
         ]
         self.assertEqual(
-            train_adda._progress_fields(rows, "target_val_f1"),
+            results.progress_fields(rows, "target_val_f1", ["confusion"]),
             {"disc_loss": "0.693 0.250", "confusion": "- 0.000", "target_val_f1": "0.500 0.123"},
         )
 
@@ -378,10 +414,10 @@ class ToyGameTest(absltest.TestCase):
             "disc_loss": np.array([[0.7, 0.7], [0.6, np.nan], [np.nan, np.nan]], np.float32),
         }
         with self.assertRaisesRegex(
-            train_adda.NonFiniteLossError,
+            programs.NonFiniteLossError,
             "^seed 4: non-finite discriminator loss at discriminator step 32 \\(cycle 6\\)",
         ):
-            train_adda._check_finite(
+            programs.check_finite(
                 step_metrics,
                 {"disc_steps": 30, "target_steps": 10},
                 "cycle 6",
@@ -433,13 +469,13 @@ class ToyGameTest(absltest.TestCase):
         # Target batches 0 and 1 feed the 2 initial discriminator steps; batch 2 the first
         # discriminator step of cycle 1, i.e. discriminator step 3.
         task = PoisonedToyTask(poisoned)
-        with self.assertRaises(train_adda.NonFiniteLossError) as raised:
-            train_adda.train_and_evaluate(config, workdir, task=task)
+        with self.assertRaises(programs.NonFiniteLossError) as raised:
+            adda_train.train_and_evaluate(config, workdir, task=task)
         message = str(raised.exception)
         self.assertNotIn("\n", message)
         self.assertIn("discriminator loss at discriminator step 3 (cycle 1)", message)
         # The last good state (after the initial discriminator steps, step 2) is kept.
-        manager = train_adda._checkpoint_manager(workdir / "checkpoints" / "game")
+        manager = checkpoints.manager(workdir / "checkpoints" / "game")
         self.assertEqual(manager.latest_step(), 2)
         self.assertIn("step 2", message)
         self.assertFalse((workdir / "results.json").exists())
@@ -450,9 +486,9 @@ class ToyGameTest(absltest.TestCase):
             "target_loss": np.array([0.9, np.inf], np.float32),
         }
         with self.assertRaisesRegex(
-            train_adda.NonFiniteLossError, "target map loss at target map step 12 \\(cycle 6\\)"
+            programs.NonFiniteLossError, "target map loss at target map step 12 \\(cycle 6\\)"
         ):
-            train_adda._check_finite(
+            programs.check_finite(
                 step_metrics, {"disc_steps": 30, "target_steps": 10}, "cycle 6", "W (step 40)"
             )
 
@@ -522,7 +558,7 @@ class ToyGameTest(absltest.TestCase):
         self.assertEqual(set(results["criteria"]), set(self.reference["criteria"]))
 
     def test_workdir_of_another_config_is_refused(self):
-        with self.assertRaisesRegex(train_adda.ConfigError, "another config"):
+        with self.assertRaisesRegex(ConfigError, "another config"):
             run_toy(self.reference_dir, scheme="reset")
 
 
@@ -531,11 +567,15 @@ class SeedsTest(absltest.TestCase):
         config = toy_config()
         task = ToyTask()
         data = task.load_data(config)
-        game = train_adda.create_game(config)
+        game = game_lib.create_game(config)
         source_variables = task.source_variables(config, None, data)
         states = [
-            train_adda.create_game_state(
-                jax.random.PRNGKey(seed), game, source_variables, (IMAGE_SIZE, IMAGE_SIZE, 1)
+            game_lib.create_game_state(
+                jax.random.PRNGKey(seed),
+                game,
+                source_variables,
+                (IMAGE_SIZE, IMAGE_SIZE, 1),
+                criteria.init(criteria.build(config)),
             )
             for seed in (0, 1)
         ]
@@ -553,7 +593,7 @@ class SeedsTest(absltest.TestCase):
             for domain, count in (("source", 3), ("target", 3), ("source", 2), ("target", 2))
         ]
         stacked_states = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
-        cycle = functools.partial(train_adda.run_cycle, game)
+        cycle = functools.partial(game_lib.run_cycle, game)
         vmapped, vmapped_metrics = jax.jit(jax.vmap(cycle, in_axes=(0, None, 0, 0, 0, 0)))(
             stacked_states, source_variables, *cycle_batches
         )
@@ -581,8 +621,8 @@ class SeedsTest(absltest.TestCase):
             probe = jnp.asarray(cycle_batches[0][seed, 0])
             logit_maps = game.map_model.apply(source_variables, probe, train=False)
             np.testing.assert_allclose(
-                train_adda.apply_discriminator_eval(game, seed_state, logit_maps),
-                train_adda.apply_discriminator_eval(game, state, logit_maps),
+                game_lib.apply_discriminator_eval(game, seed_state, logit_maps),
+                game_lib.apply_discriminator_eval(game, state, logit_maps),
                 rtol=1e-4,
                 atol=1e-5,
             )
@@ -605,7 +645,7 @@ class PhantomSegmentationTest(absltest.TestCase):
         config.target_epochs = 0.5
         with tempfile.TemporaryDirectory() as tmp:
             workdir = pathlib.Path(tmp) / "trained_source"
-            results = train_adda.train_and_evaluate(config, workdir)
+            results = adda_train.train_and_evaluate(config, workdir)
             source_results = json.loads((workdir / "source" / "results.json").read_text())
             self.assertEqual(source_results["modality"], "CT")
             # The source map scored by the ADDA run is the segmentation run's best state.
@@ -615,10 +655,10 @@ class PhantomSegmentationTest(absltest.TestCase):
             self.assertEqual(results["pair"], "CT->PT")
             self.assertEqual(
                 set(results["criteria"]) | set(results["criteria_not_reached"]),
-                set(train_adda.CRITERIA),
+                set(criteria.DEFAULT),
             )
             # disjoint_domains: no patient gives training images to both domains.
-            data = train_adda.SegmentationTask().load_data(config)
+            data = segmentation.SegmentationTask().load_data(config)
             source_patients = set(data.source["train"]["patient_key"])
             target_patients = set(data.target["train"]["patient_key"])
             self.assertEqual(source_patients & target_patients, set())
@@ -628,7 +668,7 @@ class PhantomSegmentationTest(absltest.TestCase):
 
             config.source_checkpoint = str(workdir / "source")
             reused_dir = pathlib.Path(tmp) / "reused_source"
-            reused = train_adda.train_and_evaluate(config, reused_dir)
+            reused = adda_train.train_and_evaluate(config, reused_dir)
             self.assertFalse((reused_dir / "source").exists())
             self.assertEqual(
                 reused["criteria"]["initial"]["test"], results["criteria"]["initial"]["test"]
@@ -637,8 +677,8 @@ class PhantomSegmentationTest(absltest.TestCase):
 
             config.source_checkpoint = str(workdir / "source")
             config.data.source_modality = "T1"
-            with self.assertRaisesRegex(train_adda.ConfigError, "is a CT segmentation run"):
-                train_adda.validate_config(config, train_adda.SegmentationTask())
+            with self.assertRaisesRegex(ConfigError, "is a CT segmentation run"):
+                adda_train.validate_config(config, segmentation.SegmentationTask())
 
     def test_num_seeds_trains_the_source_maps_together(self):
         config = adda_ct_pt.get_config("smoke")
@@ -652,7 +692,7 @@ class PhantomSegmentationTest(absltest.TestCase):
         config.seed = 3
         with tempfile.TemporaryDirectory() as tmp:
             workdir = pathlib.Path(tmp) / "seeds"
-            summary = train_adda.train_and_evaluate(config, workdir)
+            summary = adda_train.train_and_evaluate(config, workdir)
             self.assertEqual(sorted(summary["seeds"]), ["3", "4"])
             # One vmapped segmentation run trained both source maps (train_segment num_seeds).
             source_config = json.loads((workdir / "source" / "config.json").read_text())
@@ -693,10 +733,14 @@ class DiscriminatorEvaluationTest(absltest.TestCase):
         )
         task = ToyTask()
         data = task.load_data(config)
-        cls.game = train_adda.create_game(config)
+        cls.game = game_lib.create_game(config)
         source_variables = task.source_variables(config, None, data)
-        state = train_adda.create_game_state(
-            jax.random.PRNGKey(0), cls.game, source_variables, (IMAGE_SIZE, IMAGE_SIZE, 1)
+        state = game_lib.create_game_state(
+            jax.random.PRNGKey(0),
+            cls.game,
+            source_variables,
+            (IMAGE_SIZE, IMAGE_SIZE, 1),
+            criteria.init(criteria.build(config)),
         )
         rng = np.random.default_rng(0)
 
@@ -707,7 +751,7 @@ class DiscriminatorEvaluationTest(absltest.TestCase):
             )
 
         # Trained with batch statistics until it separates the domains.
-        train = jax.jit(functools.partial(train_adda.run_disc_steps, cls.game))
+        train = jax.jit(functools.partial(game_lib.run_disc_steps, cls.game))
         cls.state, step_metrics = train(
             state, source_variables, batches("source", 150), batches("target", 150)
         )
@@ -739,7 +783,7 @@ class DiscriminatorEvaluationTest(absltest.TestCase):
     def test_equals_training_mode_without_dropout(self):
         for inputs in self.inputs:
             np.testing.assert_allclose(
-                train_adda.apply_discriminator_eval(self.game, self.state, inputs),
+                game_lib.apply_discriminator_eval(self.game, self.state, inputs),
                 self._apply_training_mode(inputs, input_dropout=0.0),
                 rtol=1e-5,
                 atol=1e-5,
@@ -753,7 +797,7 @@ class DiscriminatorEvaluationTest(absltest.TestCase):
                 lambda rng, x=inputs: jax.nn.softmax(self._apply_training_mode(x, 0.3, rng))
             )(jax.random.split(jax.random.PRNGKey(7), 128))
             training_predictions = np.argmax(np.mean(draws, axis=0), axis=-1)
-            eval_logits = train_adda.apply_discriminator_eval(self.game, self.state, inputs)
+            eval_logits = game_lib.apply_discriminator_eval(self.game, self.state, inputs)
             agreement.append(np.mean(np.argmax(eval_logits, -1) == training_predictions))
             running_logits = self.game.discriminator.apply(
                 {"params": self.state.disc_params, "batch_stats": self.state.disc_batch_stats},
@@ -770,7 +814,7 @@ class MixedEvalBatchesTest(absltest.TestCase):
     def test_wraps_the_shorter_set_and_counts_each_sample_once(self):
         source = np.arange(5)[:, None]
         target = np.arange(3)[:, None] + 10
-        source_batches, target_batches, source_valid, target_valid = train_adda.mixed_eval_batches(
+        source_batches, target_batches, source_valid, target_valid = game_lib.mixed_eval_batches(
             source, target, 2
         )
         np.testing.assert_array_equal(source_batches[..., 0], [[0, 1], [2, 3], [4, 0]])
@@ -782,7 +826,7 @@ class MixedEvalBatchesTest(absltest.TestCase):
 class ResetScheduleTest(parameterized.TestCase):
     def _resets(self, config, network, num_steps):
         """The update indices before which the network's optimizer resets."""
-        game = train_adda.create_game(config)
+        game = game_lib.create_game(config)
         tx = game.disc_tx if network == "discriminator" else game.target_tx
         params = jnp.zeros([1])
 
@@ -839,13 +883,13 @@ class ConfigTest(parameterized.TestCase):
         module = importlib.import_module(f"configs.adda_{pair}")
         source, target = pair.upper().split("_")
         for arg in (None, "smoke"):
-            for scheme in train_adda.SCHEMES:
+            for scheme in game_lib.SCHEMES:
                 config = module.get_config(arg)
                 config.scheme = scheme
                 self.assertEqual(
                     (config.data.source_modality, config.data.target_modality), (source, target)
                 )
-                train_adda.validate_config(config, train_adda.SegmentationTask())
+                adda_train.validate_config(config, segmentation.SegmentationTask())
 
     def test_data_fields_are_shared_with_the_source_run(self):
         config = adda_ct_pt.get_config()
@@ -874,8 +918,8 @@ class ConfigTest(parameterized.TestCase):
             for parent in parents:
                 node = node[parent]
             node[leaf] = value
-        with self.assertRaisesRegex(train_adda.ConfigError, message):
-            train_adda.validate_config(config, train_adda.SegmentationTask())
+        with self.assertRaisesRegex(ConfigError, message):
+            adda_train.validate_config(config, segmentation.SegmentationTask())
 
     def test_cli_reports_a_bad_config_in_one_line(self):
         with tempfile.TemporaryDirectory() as workdir:
@@ -899,7 +943,7 @@ class ConfigTest(parameterized.TestCase):
             self.assertEqual(os.listdir(workdir), [])
 
     def test_disjoint_patient_groups(self):
-        source, target = train_adda._disjoint_patient_groups(
+        source, target = segmentation._disjoint_patient_groups(
             {"a", "b", "c", "d", "s"}, {"a", "b", "c", "d", "t"}, seed=0
         )
         self.assertEqual(source & target, set())

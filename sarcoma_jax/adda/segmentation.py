@@ -1,0 +1,175 @@
+"""The sarcoma task: segmentation maps adapted from one modality to another (the thesis' ADDA)."""
+
+import hashlib
+import json
+import pathlib
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from data_pipeline import datasets
+from sarcoma_jax import checkpoints, input_pipeline, metrics
+from sarcoma_jax.adda import task as task_lib
+from sarcoma_jax.input_pipeline import ConfigError
+from sarcoma_jax.segment import train as segment_train
+
+
+def _canonical_domain(config_field: str, value: str) -> str:
+    try:
+        return datasets.canonical_domain(value)
+    except datasets.DatasetError as error:
+        raise ConfigError(f"config.data.{config_field}: {error}") from None
+
+
+def _segmentation_run_modality(state_dir: pathlib.Path) -> str | None:
+    """The modality in the config.json of the run a checkpoint belongs to, if it can be found."""
+    for folder in state_dir.parents:
+        config_path = folder / "config.json"
+        if config_path.is_file():
+            modality = json.loads(config_path.read_text()).get("data", {}).get("modality")
+            return None if modality is None else datasets.canonical_domain(modality)
+    return None
+
+
+def _disjoint_patient_groups(
+    source_patients: set[str], target_patients: set[str], seed: int
+) -> tuple[set[str], set[str]]:
+    """Splits training patients so that no patient gives images to both domains.
+
+    Patients with images of both domains are ranked by sha256(seed:key) (as data_pipeline's
+    splits are) and dealt alternately to the source and the target; the others stay where they
+    are.
+    """
+    shared = sorted(
+        source_patients & target_patients,
+        key=lambda key: hashlib.sha256(f"{seed}:{key}".encode()).hexdigest(),
+    )
+    to_source = set(shared[0::2])
+    to_target = set(shared[1::2])
+    return (source_patients - to_target), (target_patients - to_source)
+
+
+class SegmentationTask:
+    """Tumour segmentation, one modality to another (the thesis' experiments).
+
+    Config: `config.data.source_modality` / `target_modality` and the data fields of
+    configs/segment_base.py; `config.model` a U-Net; `config.source` the segmentation config that
+    trains the source map into workdir/source (segment/train.py), unless `config.source_checkpoint`
+    names a segmentation run to reuse. `config.data.disjoint_domains`: source and target training
+    images from disjoint patients.
+    """
+
+    primary_metric = "f1"
+
+    def validate_config(self, config: ml_collections.ConfigDict) -> None:
+        source = _canonical_domain("source_modality", config.data.source_modality)
+        target = _canonical_domain("target_modality", config.data.target_modality)
+        if source == target:
+            raise ConfigError(
+                f"config.data.source_modality and target_modality are both {source}; "
+                "adaptation needs two different domains"
+            )
+        if config.model.name != "unet":
+            raise ConfigError(f"config.model.name {config.model.name!r}: segmentation needs 'unet'")
+        if config.model.get("eval_batch_stats"):
+            raise ConfigError(
+                "config.model.eval_batch_stats: the ADDA game applies the maps with their running "
+                "averages; train the source with eval_batch_stats=False"
+            )
+        input_pipeline.validate_data_config(
+            {**config.data.to_dict(), "modality": source}, size_divisor=2**config.model.depth
+        )
+        if config.source_checkpoint:
+            state_dir = checkpoints.resolve_state_dir(config.source_checkpoint)
+            run_modality = _segmentation_run_modality(state_dir)
+            if run_modality is not None and run_modality != source:
+                raise ConfigError(
+                    f"config.source_checkpoint {config.source_checkpoint} is a {run_modality} "
+                    f"segmentation run, but the source modality is {source}"
+                )
+        else:
+            if jax.process_count() > 1:
+                raise ConfigError(
+                    "a multi-host run needs config.source_checkpoint: train the source segmenter "
+                    "first (on one host), then pass its workdir"
+                )
+            segment_train.validate_config(config.source)
+
+    def load_data(self, config: ml_collections.ConfigDict) -> task_lib.DomainData:
+        data_config = config.data
+        index = input_pipeline.open_index(data_config, progress=config.progress_bar)
+        records = {
+            domain: input_pipeline.query_splits(
+                index, data_config[f"{domain}_modality"], tumour_only=data_config.tumour_only
+            )
+            for domain in ("source", "target")
+        }
+        if data_config.disjoint_domains:
+            source_patients, target_patients = _disjoint_patient_groups(
+                {record.patient_key for record in records["source"]["train"]},
+                {record.patient_key for record in records["target"]["train"]},
+                data_config.seed,
+            )
+            for domain, keep in (("source", source_patients), ("target", target_patients)):
+                records[domain]["train"] = [
+                    record for record in records[domain]["train"] if record.patient_key in keep
+                ]
+                if not records[domain]["train"]:
+                    raise ConfigError(
+                        f"config.data.disjoint_domains leaves no {domain} training slices; "
+                        "use more patients"
+                    )
+        arrays = {
+            domain: input_pipeline.load_splits(domain_records, data_config.image_size)
+            for domain, domain_records in records.items()
+        }
+        return task_lib.DomainData(source=arrays["source"], target=arrays["target"])
+
+    def source_variables(
+        self, config: ml_collections.ConfigDict, workdir: pathlib.Path, data: task_lib.DomainData
+    ) -> dict:
+        del data  # The segmentation run loads its own.
+        if config.source_checkpoint:
+            state_dir = checkpoints.resolve_state_dir(config.source_checkpoint)
+        else:
+            source_workdir = workdir / "source"
+            if not (source_workdir / "results.json").is_file():
+                logging.info("training the source map into %s", source_workdir)
+                segment_train.train_and_evaluate(config.source, source_workdir)
+            state_dir = checkpoints.resolve_state_dir(source_workdir)
+        return checkpoints.restore_variables(state_dir)
+
+    def prepare_seeds(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: pathlib.Path,
+        seed_configs: list[ml_collections.ConfigDict],
+    ) -> list[ml_collections.ConfigDict]:
+        """A `num_seeds` run's source maps: one num_seeds segmentation run of all the seeds into
+        workdir/source (segment/train.py, `num_seeds`), which each seed's config then names as its
+        source_checkpoint (unless config.source_checkpoint already gives one to all)."""
+        if config.source_checkpoint:
+            return seed_configs
+        source_workdir = workdir / "source"
+        if not (source_workdir / "results.json").is_file():
+            source_config = config.source.copy_and_resolve_references()
+            source_config.seed = seed_configs[0].seed
+            source_config.num_seeds = len(seed_configs)
+            logging.info("training %d source maps into %s", len(seed_configs), source_workdir)
+            segment_train.train_and_evaluate(source_config, source_workdir)
+        for seed_config in seed_configs:
+            seed_config.source_checkpoint = str(source_workdir / f"seed_{seed_config.seed}")
+        return seed_configs
+
+    def evaluate(self, outputs: np.ndarray, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+        # Logits: a pixel is tumour where its logit >= 0 (p >= 0.5); AUC ranks the logits.
+        return metrics.segmentation_metrics(outputs, arrays["mask"], threshold=0.0)
+
+    def per_image(self, outputs: np.ndarray, arrays: Mapping[str, np.ndarray]) -> dict[str, list]:
+        """Per test image F1 (Dice), for the §15-3 box plots (report.plot_da_boxplots)."""
+        # Thresholded as in `evaluate`, so that their mean is its f1.
+        dice = metrics.dice_per_image(outputs >= 0.0, arrays["mask"] > 0)
+        return {"f1": dice.tolist()}

@@ -1,0 +1,1 @@
+"""Supervised segmentation: the pure steps (steps.py) and the training loop (train.py)."""
