@@ -174,7 +174,7 @@ class UNet(nn.Module):
         return self._conv(1, (3, 3), "head_conv1")(x).astype(jnp.float32)
 
 
-DISCRIMINATOR_NORMS = ("batch", "none")
+DISCRIMINATOR_NORMS = ("batch", "layer", "none")
 
 
 class LogitMapDiscriminator(nn.Module):
@@ -195,7 +195,9 @@ class LogitMapDiscriminator(nn.Module):
       num_classes: output logits (index 1 = source, 0 = target in the ADDA convention).
       bn_momentum: BatchNorm running-average momentum (see UNet).
       norm: 'batch' (the reference: BatchNorm after the input and after every block and the last
-        conv) or 'none' (no normalisation; each sample's logits depend on that sample only).
+        conv), 'layer' (LayerNorm in the same places: each sample normalised over its own
+        positions and channels, so its logits depend on that sample only) or 'none' (no
+        normalisation; likewise per sample).
 
     A caveat of the reference layout (README, "Hypothesis II"). Its last BatchNorm normalises the
     last conv's output over the batch, and at training and at `discriminator_eval_bn='batch'`
@@ -204,7 +206,8 @@ class LogitMapDiscriminator(nn.Module):
     deviation, so the argmax splits the batch along the domains: all right (recall = specificity
     = 1) or all wrong (both 0), while the cross-entropy can sit near log 2. Its recall and
     specificity then say which side of the batch mean each domain is on, not how confused the
-    discriminator is. `norm='none'` removes that coupling (tests/models_test.py shows both).
+    discriminator is. `norm='layer'` and `norm='none'` remove that coupling (tests/models_test.py
+    shows it).
     """
 
     blocks: Sequence[Sequence[int]] = ((2, 4), (4, 2), (1, 1))
@@ -242,6 +245,8 @@ class LogitMapDiscriminator(nn.Module):
         def normalise(x):
             if self.norm == "batch":
                 return _batch_norm(use_running_average, self.bn_momentum)(x)
+            if self.norm == "layer":  # over each sample's positions and channels
+                return nn.LayerNorm(epsilon=BN_EPSILON, reduction_axes=(-3, -2, -1))(x)
             return x
 
         x = nn.Dropout(self.input_dropout, deterministic=not train)(logit_map)

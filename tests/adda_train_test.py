@@ -117,9 +117,11 @@ def run_toy(workdir, cycle_hook=None, **overrides):
 
 
 def read_rows(workdir) -> list[dict]:
-    """metrics.jsonl without the wall-clock field."""
+    """metrics.jsonl without the wall-clock fields."""
     rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
-    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+    return [
+        {key: value for key, value in row.items() if not key.endswith("seconds")} for row in rows
+    ]
 
 
 def final_target_params(workdir) -> dict:
@@ -290,7 +292,7 @@ class ToyGameTest(absltest.TestCase):
         # criteria_test.LowestDiscLoss is defined in that test file alone; naming it in
         # config.criteria gives it a checkpoint folder, a score column, an entry in results.json
         # and a column in the report's stopping table. It asserts, while traced, that it never
-        # sees target labels.
+        # sees target labels (nor does its `measure`).
         workdir = pathlib.Path(self.tmp.name) / "new_criterion"
         names = (*criteria.DEFAULT, "criteria_test:LowestDiscLoss")
         results = run_toy(workdir, criteria=names)
@@ -305,6 +307,7 @@ class ToyGameTest(absltest.TestCase):
         np.testing.assert_allclose(entry["selection"]["disc_loss"], lowest, rtol=1e-6)
         for row in rows:
             self.assertIn("lowest_disc_loss_score", row)
+            self.assertEqual(row["lowest_disc_loss_checked"], 1.0)  # its measure ran
         self.assertEqual(
             checkpoints.latest_step(workdir / "checkpoints" / "lowest_disc_loss"), step
         )

@@ -22,6 +22,8 @@ def row(step, before_da=False, **values):
         "before_da": before_da,
         "recall": 0.5,
         "specificity": 0.5,
+        "soft_recall": 0.5,
+        "soft_specificity": 0.5,
         "disc_loss": 0.7,
         "target_adversarial_loss": 0.7,
         "target_val_metric": 0.3,
@@ -69,8 +71,18 @@ class LowestDiscLoss:
     def init(self):
         return base.init_best()
 
+    def measure(self, probe):
+        """Checks what a label-free criterion may see: target val images, no target labels."""
+        for name, value in vars(probe).items():
+            if name != "source_val":  # labelled source data is allowed
+                assert not (isinstance(value, dict) and "mask" in value), name
+        assert isinstance(probe.target_val_images, np.ndarray)
+        assert not any(key.startswith("target_val") for key in probe.evaluation)
+        return {"lowest_disc_loss_checked": 1.0}
+
     def update(self, state, evaluation):
         assert "target_val_metric" not in evaluation, "a label-free criterion saw target labels"
+        assert "lowest_disc_loss_checked" in evaluation  # its measured column reaches it
         score = -evaluation["disc_loss"]
         state, is_best = base.keep_best(state, score, ~evaluation["before_da"], evaluation["step"])
         return state, base.Selection(is_best, score)
@@ -145,11 +157,17 @@ class OtherCriteriaTest(absltest.TestCase):
 
 
 class RegistryTest(absltest.TestCase):
-    def test_default_is_the_five_of_the_thesis(self):
+    def test_default_is_the_thesis_five_and_the_validators(self):
         config = adda_ct_pt.get_config("smoke")
         built = criteria.build(config)
         self.assertEqual(
-            [c.name for c in built], ["initial", "highest_peak", "confusion", "latest", "best_loss"]
+            [c.name for c in built][:5],
+            ["initial", "highest_peak", "confusion", "latest", "best_loss"],
+        )
+        self.assertEqual(list(criteria.THESIS_CRITERIA), [c.name for c in built][:5])
+        self.assertEqual(
+            {c.name for c in built[5:]},
+            {"soft_confusion", "entropy", "im", "snd", "dev", "consistency", "source_val"},
         )
         self.assertEqual([c.name for c in built if c.oracle], ["highest_peak"])
         confusion_stop = built[2]

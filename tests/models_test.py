@@ -293,13 +293,14 @@ class LogitMapDiscriminatorTest(parameterized.TestCase):
             self.assertLen(set(split[5:]), 1, offset)
             self.assertNotEqual(split[0], split[5], offset)
 
-        plain = models.LogitMapDiscriminator(input_dropout=0.0, norm="none")
-        self.assertLen(set(verdicts(plain, 1e-3)), 1)
-        variables = _init(plain, jax.random.PRNGKey(0), noise)
-        self.assertNotIn("batch_stats", variables)
-        alone = plain.apply(variables, noise[:1], train=False)
-        together = plain.apply(variables, noise, train=False)[:1]
-        np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
+        for norm in ("none", "layer"):  # per-sample: a verdict never depends on the batch
+            plain = models.LogitMapDiscriminator(input_dropout=0.0, norm=norm)
+            self.assertLen(set(verdicts(plain, 1e-3)), 1, norm)
+            variables = _init(plain, jax.random.PRNGKey(0), noise)
+            self.assertNotIn("batch_stats", variables)
+            alone = plain.apply(variables, noise[:1], train=False)
+            together = plain.apply(variables, noise, train=False)[:1]
+            np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
         with self.assertRaisesRegex(ValueError, "discriminator norm 'group'"):
             _init(models.LogitMapDiscriminator(norm="group"), jax.random.PRNGKey(0), noise)
 

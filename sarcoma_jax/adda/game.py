@@ -67,6 +67,9 @@ class Game:
     disc_l2: float
     target_map_train_mode: bool
     disc_eval_batch_stats: bool
+    # The map's module whose activations evaluate_game also returns (for label-free criteria,
+    # adda/probe.py), or None.
+    feature_module: str | None = None
 
 
 class GameState(flax.struct.PyTreeNode):
@@ -133,8 +136,9 @@ def _adam(optimizer_config: Mapping[str, Any], should_reset) -> optax.GradientTr
     )
 
 
-def create_game(config: ml_collections.ConfigDict) -> Game:
-    """The networks and optimizers that `config` describes, with the scheme's reset schedules."""
+def create_game(config: ml_collections.ConfigDict, feature_module: str | None = None) -> Game:
+    """The networks and optimizers that `config` describes, with the scheme's reset schedules;
+    `feature_module`: see Game."""
     schedules = {}
     for network, initial_steps, steps_per_cycle in (
         ("discriminator", config.initial_disc_steps, config.disc_steps_per_cycle),
@@ -151,6 +155,7 @@ def create_game(config: ml_collections.ConfigDict) -> Game:
         disc_l2=float(config.discriminator_l2),
         target_map_train_mode=bool(config.target_map_train_mode),
         disc_eval_batch_stats=config.discriminator_eval_bn == "batch",
+        feature_module=feature_module,
     )
 
 
@@ -240,6 +245,26 @@ def apply_discriminator_eval(game: Game, state: GameState, inputs: jax.Array) ->
         )
         return logits
     return game.discriminator.apply(variables, inputs, train=False)
+
+
+def apply_with_features(
+    game: Game, variables: Mapping[str, Any], images: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The map's outputs in evaluation mode and the activations of `game.feature_module` after
+    its ReLU (flax's capture_intermediates), or an empty (batch, 0) array when there is none."""
+    if game.feature_module is None:
+        outputs = game.map_model.apply(variables, images, train=False)
+        return outputs, jnp.zeros((images.shape[0], 0), outputs.dtype)
+    outputs, state = game.map_model.apply(
+        variables,
+        images,
+        train=False,
+        capture_intermediates=lambda module, method: (
+            module.name == game.feature_module and method == "__call__"
+        ),
+    )
+    (captured,) = jax.tree.leaves(state["intermediates"])
+    return outputs, jax.nn.relu(captured)
 
 
 def _domain_labels(num_source: int, num_target: int) -> jax.Array:
@@ -411,7 +436,11 @@ def evaluate_game(
 
     Returns:
       target_outputs (num_batches, batch, ...): the target map's outputs;
+      target_features (num_batches, batch, ..., channels): its activations of
+        `game.feature_module` (an empty (num_batches, batch, 0) array when that is None);
       recall, specificity: the discriminator's, over the whole val splits (float32 scalars);
+      soft_recall, soft_specificity: the mean probability it gives source val samples of being
+        source, and target val samples of being target;
       disc_loss: its cross-entropy against the true domains, mean over both splits' samples;
       target_adversarial_loss: the target loss (target outputs vs the source label), mean over
         target val.
@@ -420,7 +449,9 @@ def evaluate_game(
     def one_batch(images):
         source_batch, target_batch = images
         source_outputs = game.map_model.apply(source_variables, source_batch, train=False)
-        target_outputs = game.map_model.apply(state.target_variables(), target_batch, train=False)
+        target_outputs, target_features = apply_with_features(
+            game, state.target_variables(), target_batch
+        )
         logits = apply_discriminator_eval(
             game, state, jnp.concatenate([source_outputs, target_outputs])
         )
@@ -432,20 +463,41 @@ def evaluate_game(
             logits[num_source:],
             jnp.full([num_target], confusion.SOURCE_DOMAIN_LABEL, jnp.int32),
         )
-        return target_outputs, jnp.argmax(logits, axis=-1), cross_entropy, adversarial
+        source_probability = jax.nn.softmax(logits, axis=-1)[:, confusion.SOURCE_DOMAIN_LABEL]
+        return (
+            target_outputs,
+            target_features,
+            jnp.argmax(logits, axis=-1),
+            source_probability,
+            cross_entropy,
+            adversarial,
+        )
 
-    target_outputs, predictions, cross_entropy, adversarial = lax.map(
-        one_batch, (source_images, target_images)
-    )
+    (
+        target_outputs,
+        target_features,
+        predictions,
+        source_probability,
+        cross_entropy,
+        adversarial,
+    ) = lax.map(one_batch, (source_images, target_images))
     num_source = source_images.shape[1]
     recall, specificity = confusion.discriminator_recall_specificity(
         predictions[:, :num_source], predictions[:, num_source:], source_valid, target_valid
     )
+
+    def valid_mean(values, valid):
+        return jnp.sum(jnp.where(valid, values, 0.0)) / jnp.sum(valid)
+
     valid = jnp.concatenate([source_valid, target_valid], axis=1)
     return {
         "target_outputs": target_outputs,
+        "target_features": target_features,
         "recall": recall,
         "specificity": specificity,
+        # The same from the discriminator's probabilities instead of its argmax verdicts.
+        "soft_recall": valid_mean(source_probability[:, :num_source], source_valid),
+        "soft_specificity": valid_mean(1.0 - source_probability[:, num_source:], target_valid),
         "disc_loss": jnp.sum(jnp.where(valid, cross_entropy, 0.0)) / jnp.sum(valid),
         "target_adversarial_loss": jnp.sum(jnp.where(target_valid, adversarial, 0.0))
         / jnp.sum(target_valid),

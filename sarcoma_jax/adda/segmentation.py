@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 import numpy as np
+import scipy.special
 from absl import logging
 
 from data_pipeline import datasets
@@ -63,6 +64,10 @@ class SegmentationTask:
     """
 
     primary_metric = "f1"
+    # Label-free criteria (adda/probe.py): a unit is a pixel, features are the U-Net's last hidden
+    # layer, flipping an image left-right flips its segmentation.
+    feature_module = "dec0_conv1"
+    flip_invariant = True
 
     def validate_config(self, config: ml_collections.ConfigDict) -> None:
         source = _canonical_domain("source_modality", config.data.source_modality)
@@ -173,3 +178,20 @@ class SegmentationTask:
         # Thresholded as in `evaluate`, so that their mean is its f1.
         dice = metrics.dice_per_image(outputs >= 0.0, arrays["mask"] > 0)
         return {"f1": dice.tolist()}
+
+    def unit_probabilities(self, outputs: np.ndarray) -> np.ndarray:
+        """(pixels, 2) float64: each pixel's P(background), P(tumour) from its logit."""
+        tumour = scipy.special.expit(np.asarray(outputs, np.float64).reshape(-1))
+        return np.stack([1.0 - tumour, tumour], axis=1)
+
+    def agreement(self, outputs: np.ndarray, other_outputs: np.ndarray) -> float:
+        """Mean per-image Dice between the two predictions at p >= 0.5 (empty and empty: 1)."""
+        return float(np.mean(metrics.dice_per_image(outputs >= 0.0, other_outputs >= 0.0)))
+
+    def per_image_loss(self, outputs: np.ndarray, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        """(n,) float64 pixel BCE summed per image, the training loss (segment/steps.py)."""
+        logits = np.asarray(outputs, np.float64).reshape(len(outputs), -1)
+        masks = np.asarray(arrays["mask"], np.float64).reshape(len(outputs), -1)
+        # log(1 + exp(-|x|)) + max(x, 0) - x * y: the stable form of sigmoid cross-entropy.
+        losses = np.logaddexp(0.0, -np.abs(logits)) + np.maximum(logits, 0.0) - logits * masks
+        return losses.sum(axis=1)

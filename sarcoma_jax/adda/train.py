@@ -50,6 +50,7 @@ from sarcoma_jax import checkpoints, models, runtime, seed_map
 from sarcoma_jax import workdir as workdir_lib
 from sarcoma_jax.adda import criteria as criteria_lib
 from sarcoma_jax.adda import game as game_lib
+from sarcoma_jax.adda import probe as probe_lib
 from sarcoma_jax.adda import programs, results
 from sarcoma_jax.adda import task as task_lib
 from sarcoma_jax.input_pipeline import ConfigError
@@ -59,6 +60,8 @@ DISCRIMINATOR_EVAL_BN = ("batch", "running")
 # Config fields that do not change results; a resumed run may differ from the original in these.
 COSMETIC_CONFIG_KEYS = ("progress_bar", "distributed")
 NonFiniteLossError = programs.NonFiniteLossError
+# A metrics row's columns that say where the evaluation is, not what it measured.
+ROW_COUNTERS = ("phase", "cycle", "step", "disc_steps", "target_steps")
 
 
 def validate_config(config: ml_collections.ConfigDict, task: task_lib.Task) -> None:
@@ -213,7 +216,9 @@ def train_and_evaluate(
     }
     logging.info("data (examples per split): %s", counts)
     input_shape = tuple(data.target["train"]["image"].shape[1:])
-    game = game_lib.create_game(config)
+    measuring = [c for c in criteria if hasattr(c, "measure")]
+    # Label-free criteria read the target map's features: the evaluation returns them.
+    game = game_lib.create_game(config, task.feature_module if measuring else None)
     if with_seeds:
         if hasattr(task, "prepare_seeds"):  # optional in the Task protocol
             seed_configs = task.prepare_seeds(config, workdir, seed_configs)
@@ -270,23 +275,54 @@ def train_and_evaluate(
     )
     num_target_val = data.target["val"]["image"].shape[0]
     metric_name = f"target_val_{task.primary_metric}"
-    game_columns = ("disc_loss", "recall", "specificity", "target_adversarial_loss")
+    game_columns = (
+        "disc_loss",
+        "recall",
+        "specificity",
+        "soft_recall",
+        "soft_specificity",
+        "target_adversarial_loss",
+    )
+    timing_columns = ("validator_seconds", "evaluation_seconds")
+
+    probe_programs = probe_lib.compile_probe_programs(game, compiled) if measuring else None
 
     def evaluate(state: game_lib.GameState) -> list[dict[str, Any]]:
-        """Each seed's evaluation on the val splits."""
+        """Each seed's evaluation on the val splits, with the columns its criteria measure
+        (adda/probe.py) and the seconds they took."""
+        start = time.time()
         outputs = jax.device_get(compiled.evaluate(state, source_variables, *val_batches))
         evaluations = []
         for i in range(num_seeds):
             seed_outputs = take(outputs, i)
-            target_outputs = seed_outputs["target_outputs"]
-            target_outputs = target_outputs.reshape(-1, *target_outputs.shape[2:])[:num_target_val]
-            task_metrics = task.evaluate(target_outputs, data.target["val"])
-            evaluations.append(
-                {
-                    **{name: float(seed_outputs[name]) for name in game_columns},
-                    metric_name: float(task_metrics[task.primary_metric]),
-                }
+            target_outputs, target_features = (
+                values.reshape(-1, *values.shape[2:])[:num_target_val]
+                for values in (seed_outputs["target_outputs"], seed_outputs["target_features"])
             )
+            task_metrics = task.evaluate(target_outputs, data.target["val"])
+            evaluation = {name: float(seed_outputs[name]) for name in game_columns}
+            measure_start = time.time()
+            if measuring:
+                probe = probe_lib.Probe(
+                    task=task,
+                    programs=probe_programs,
+                    variables=take(state, i).target_variables(),
+                    target_val_images=data.target["val"]["image"],
+                    target_val_outputs=target_outputs,
+                    target_val_features=target_features,
+                    source_val=data.source["val"],
+                    evaluation=evaluation,
+                    batch_size=config.eval_batch_size,
+                    sharding=compiled,
+                    seed=seed_configs[i].seed,
+                )
+                for criterion in measuring:
+                    evaluation.update(criterion.measure(probe))
+            evaluation[metric_name] = float(task_metrics[task.primary_metric])
+            evaluation["validator_seconds"] = time.time() - measure_start
+            evaluations.append(evaluation)
+        for evaluation in evaluations:  # the whole evaluation's wall time, all seeds
+            evaluation["evaluation_seconds"] = time.time() - start
         return evaluations
 
     def counters(state: game_lib.GameState) -> dict[str, int]:
@@ -301,10 +337,11 @@ def train_and_evaluate(
     def judge(state: game_lib.GameState, evaluations: list[dict], before_da: bool):
         """The evaluations through the criteria; returns the state and per seed {name:
         (is_best, score)}."""
+        measured = [key for key in evaluations[0] if key not in (metric_name, *timing_columns)]
         row = {
             **{key: np.int32(value) for key, value in counters(state).items()},
             "before_da": np.bool_(before_da),
-            **{name: np.float32([e[name] for e in evaluations]) for name in game_columns},
+            **{name: np.float32([e[name] for e in evaluations]) for name in measured},
             "target_val_metric": np.float32([e[metric_name] for e in evaluations]),
         }
         row = {
@@ -462,7 +499,12 @@ def train_and_evaluate(
         )
 
     # What each pick was chosen on: the evaluation's columns and the criteria's scores.
-    columns = [*game_columns, metric_name, *(f"{c.name}_score" for c in criteria)]
+    bookkeeping = {*ROW_COUNTERS, "disc_resets", "target_resets", "seconds", *timing_columns}
+    columns = [
+        key
+        for key in runs[0].writer.rows[-1]
+        if key not in bookkeeping and not key.endswith("_train")
+    ]
     all_results = []
     for i, run in enumerate(runs):
         criteria_results, not_reached = results.score_criteria(

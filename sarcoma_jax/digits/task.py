@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import scipy.special
 from absl import logging
 
 from sarcoma_jax import input_pipeline, models
@@ -64,6 +65,10 @@ class DigitsTask:
     """
 
     primary_metric = "accuracy"
+    # Label-free criteria (adda/probe.py): a unit is an image, features are LeNet's 500-wide
+    # hidden layer; a mirrored digit is another digit.
+    feature_module = "Dense_0"
+    flip_invariant = False
 
     def validate_config(self, config: ml_collections.ConfigDict) -> None:
         data = config.data
@@ -131,6 +136,19 @@ class DigitsTask:
 
     def evaluate(self, outputs: np.ndarray, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
         return {"accuracy": accuracy_of_logits(outputs, arrays["label"])}
+
+    def unit_probabilities(self, outputs: np.ndarray) -> np.ndarray:
+        """(images, 10) float64 class probabilities (softmax of the logits)."""
+        return scipy.special.softmax(np.asarray(outputs, np.float64), axis=1)
+
+    def agreement(self, outputs: np.ndarray, other_outputs: np.ndarray) -> float:
+        """Fraction of images with the same predicted class."""
+        return float(np.mean(np.argmax(outputs, 1) == np.argmax(other_outputs, 1)))
+
+    def per_image_loss(self, outputs: np.ndarray, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        """(n,) float64 softmax cross-entropy of each image."""
+        log_probabilities = scipy.special.log_softmax(np.asarray(outputs, np.float64), axis=1)
+        return -log_probabilities[np.arange(len(outputs)), arrays["label"]]
 
 
 def _source_run_dir(path: str | pathlib.Path) -> pathlib.Path:

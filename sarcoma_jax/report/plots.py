@@ -5,6 +5,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure  # not pyplot: no global figure state, no display backend.
 from matplotlib.patches import Patch
 
@@ -123,16 +124,10 @@ def plot_segmentation_boxplot(groups: Sequence[tuple[str, list[Run]]], path: pat
     return f"F1 {unit}."
 
 
-# Colours of the criteria's marks (matplotlib's tab10 without red and green, the curves' own).
-CRITERION_COLOURS = (
-    "tab:purple",
-    "tab:gray",
-    "tab:blue",
-    "tab:orange",
-    "tab:brown",
-    "tab:pink",
-    "tab:olive",
-    "tab:cyan",
+# Colours of the criteria's marks: matplotlib's tab20 without its reds and greens (the curves'
+# own colours), so that up to 16 criteria are told apart.
+CRITERION_COLOURS = tuple(
+    colour for index, colour in enumerate(colormaps["tab20"].colors) if index not in (4, 5, 6, 7)
 )
 
 

@@ -13,7 +13,7 @@ import tqdm
 from sarcoma_jax import provenance
 from sarcoma_jax.adda import criteria as criteria_lib
 from sarcoma_jax.adda.game import SCHEMES
-from sarcoma_jax.report import digits, plots, tables
+from sarcoma_jax.report import digits, plots, selection, tables
 from sarcoma_jax.report import overlays as overlay_figures
 from sarcoma_jax.report.runs import ReportError, Run, commit_of, load_runs
 
@@ -307,6 +307,8 @@ def write_report(
     if "digits" in kinds:
         _write_digits(runs, out, curve_links)
         sections.append(("digits.md", "digits §10-3, §17-1 curves"))
+    if selection.write(runs, out, _file_name):
+        sections.append(("selection.md", "label-free model selection, SPEC §10 (also .tex)"))
     return _write_index(runs, out, sections, warnings), warnings
 
 

@@ -33,7 +33,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sarcoma_jax.adda.criteria import best_loss, confusion, highest_peak, initial, latest
+from sarcoma_jax.adda.criteria import (
+    best_loss,
+    confusion,
+    consistency,
+    dev,
+    entropy,
+    highest_peak,
+    im,
+    initial,
+    latest,
+    snd,
+    soft_confusion,
+    source_val,
+)
 from sarcoma_jax.adda.criteria.base import Criterion, Selection
 from sarcoma_jax.input_pipeline import ConfigError
 
@@ -44,14 +57,24 @@ LABEL_COLUMNS = ("target_val_metric",)
 # name -> criterion class (built by its `from_config(config)`); also the report's column order.
 REGISTRY: Mapping[str, type] = types.MappingProxyType(
     {
+        # The thesis' five (SPEC §4).
         "initial": initial.Initial,
         "highest_peak": highest_peak.HighestPeak,
         "confusion": confusion.ConfusionStop,
         "latest": latest.Latest,
         "best_loss": best_loss.BestLoss,
+        # Label-free validators (SPEC §10).
+        "soft_confusion": soft_confusion.SoftConfusionStop,
+        "entropy": entropy.Entropy,
+        "im": im.InformationMaximisation,
+        "snd": snd.SoftNeighbourhoodDensity,
+        "dev": dev.DeepEmbeddedValidation,
+        "consistency": consistency.Consistency,
+        "source_val": source_val.SourceVal,
     }
 )
-DEFAULT = tuple(REGISTRY)  # config.criteria's default: the five of the thesis (SPEC §4)
+DEFAULT = tuple(REGISTRY)  # config.criteria's default: all of them
+THESIS_CRITERIA = DEFAULT[:5]  # the thesis' five, what runs before the validators recorded
 # The map before adaptation: the 'before DA' column of the tables.
 BEFORE_DA = "initial"
 # The criterion the README recommends: the tables' 'ADDA' and 'RESET' columns, the overlays and

@@ -35,6 +35,8 @@ class ConfusionStop:
     name: str = "confusion"
     label: str = "confusion stop"
     oracle: bool = False
+    recall_column: str = "recall"
+    specificity_column: str = "specificity"
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "ConfusionStop":
@@ -47,7 +49,9 @@ class ConfusionStop:
         self, state: ConfusionState, row: Mapping[str, jax.Array]
     ) -> tuple[ConfusionState, Selection]:
         started = ~row["before_da"]
-        pushed = confusion_lib.push(state.window, row["recall"], row["specificity"])
+        pushed = confusion_lib.push(
+            state.window, row[self.recall_column], row[self.specificity_column]
+        )
         window = jax.tree.map(lambda new, old: jnp.where(started, new, old), pushed, state.window)
         score = confusion_lib.window_score(window)
         eligible = started & (row["disc_steps"] > self.delay) & confusion_lib.window_is_full(window)
