@@ -91,8 +91,10 @@ def main() -> None:
             seconds, _ = _ingest(dicom_dir, 2, args.scratch)
             two_s = min(two_s, seconds)
     floor_rate, one_rate, two_rate = len(files) / floor_s, slices / one_s, slices / two_s
-    print(f"image files {len(files)}, slices ingested {slices}, cpus {os.cpu_count()}, "
-          f"scratch {args.scratch or tempfile.gettempdir()}")
+    print(
+        f"image files {len(files)}, slices ingested {slices}, cpus {os.cpu_count()}, "
+        f"scratch {args.scratch or tempfile.gettempdir()}"
+    )
     print(f"floor (dcmread + pixel_array)  {floor_rate:8.1f} slices/s")
     print(f"ingest --workers 1             {one_rate:8.1f} slices/s")
     print(f"ingest --workers 2             {two_rate:8.1f} slices/s")

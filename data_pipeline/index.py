@@ -147,13 +147,28 @@ def _deflated_zip(members: Sequence[tuple[str, bytes]]) -> bytes:
         fields = (_ZIP_DEFLATE, dos_time, dos_date, crc, len(packed), len(data), len(encoded))
         local = struct.pack("<IHHHHHIIIHH", 0x04034B50, _ZIP_VERSION, 0, *fields, 0)
         central.append(
-            struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, _ZIP_VERSION, _ZIP_VERSION, 0, *fields,
-                        0, 0, 0, 0, 0, offset) + encoded)
+            struct.pack(
+                "<IHHHHHHIIIHHHHHII",
+                0x02014B50,
+                _ZIP_VERSION,
+                _ZIP_VERSION,
+                0,
+                *fields,
+                0,
+                0,
+                0,
+                0,
+                0,
+                offset,
+            )
+            + encoded
+        )
         parts += [local, encoded, packed]
         offset += len(local) + len(encoded) + len(packed)
     directory = b"".join(central)
-    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(directory),
-                      offset, 0)
+    end = struct.pack(
+        "<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(directory), offset, 0
+    )
     return b"".join(parts) + directory + end
 
 
@@ -175,7 +190,10 @@ def _git_commit() -> str | None:
     try:
         result = subprocess.run(
             ["git", "-C", str(repo_root), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -214,7 +232,7 @@ def _is_process_alive(pid: int) -> bool:
 def _remove_stale_partials(out_dir: pathlib.Path) -> None:
     """Removes staging folders left by writers that were killed (their process is gone)."""
     for stale in out_dir.glob(f"{_PARTIAL_PREFIX}*"):
-        pid_text = stale.name[len(_PARTIAL_PREFIX):].split("-", 1)[0]
+        pid_text = stale.name[len(_PARTIAL_PREFIX) :].split("-", 1)[0]
         if pid_text.isdigit() and not _is_process_alive(int(pid_text)):
             shutil.rmtree(stale, ignore_errors=True)
     for stale in out_dir.glob(f"{_OLD_SLICES_PREFIX}*"):
@@ -234,8 +252,13 @@ class IndexWriter:
     PatientID or a salted hash) and there are no name or birth-date columns.
     """
 
-    def __init__(self, out_dir, split_scheme: str = "patient", seed: int = 0,
-                 provenance: Mapping | None = None):
+    def __init__(
+        self,
+        out_dir,
+        split_scheme: str = "patient",
+        seed: int = 0,
+        provenance: Mapping | None = None,
+    ):
         if split_scheme not in splits_lib.SCHEMES:
             raise ValueError(
                 f"unknown split scheme {split_scheme!r}; expected one of "
@@ -280,11 +303,25 @@ class IndexWriter:
         known = self._patients.setdefault(patient_key, dict.fromkeys(fields))
         known.update({name: value for name, value in fields.items() if value is not None})
 
-    def add_series(self, *, series_key: str, patient_key: str, study_uid: str, series_uid: str,
-                   modality: str, sequence: str | None, description: str | None,
-                   frame_of_reference_uid: str | None, rows: int, cols: int,
-                   pixel_spacing: Sequence[float], slice_spacing: float | None,
-                   orientation: Sequence[float], n_slices: int, units: str | None) -> None:
+    def add_series(
+        self,
+        *,
+        series_key: str,
+        patient_key: str,
+        study_uid: str,
+        series_uid: str,
+        modality: str,
+        sequence: str | None,
+        description: str | None,
+        frame_of_reference_uid: str | None,
+        rows: int,
+        cols: int,
+        pixel_spacing: Sequence[float],
+        slice_spacing: float | None,
+        orientation: Sequence[float],
+        n_slices: int,
+        units: str | None,
+    ) -> None:
         """Adds an image series. pixel_spacing is (row spacing, column spacing) in mm."""
         self._check_open()
         _check_key("series_key", series_key)
@@ -297,36 +334,63 @@ class IndexWriter:
         if len(orientation) != 6:
             raise ValueError(f"series {series_key!r}: orientation needs 6 values")
         self._series[series_key] = {
-            "series_key": series_key, "patient_key": patient_key, "study_uid": study_uid,
-            "series_uid": series_uid, "modality": modality, "sequence": sequence,
-            "description": description, "frame_of_reference_uid": frame_of_reference_uid,
-            "rows": int(rows), "cols": int(cols), "pixel_spacing_row_mm": row_spacing_mm,
+            "series_key": series_key,
+            "patient_key": patient_key,
+            "study_uid": study_uid,
+            "series_uid": series_uid,
+            "modality": modality,
+            "sequence": sequence,
+            "description": description,
+            "frame_of_reference_uid": frame_of_reference_uid,
+            "rows": int(rows),
+            "cols": int(cols),
+            "pixel_spacing_row_mm": row_spacing_mm,
             "pixel_spacing_col_mm": col_spacing_mm,
             "slice_spacing_mm": _optional_float(slice_spacing),
-            "orientation": json.dumps(orientation), "n_slices": int(n_slices), "units": units,
+            "orientation": json.dumps(orientation),
+            "n_slices": int(n_slices),
+            "units": units,
         }
 
-    def add_roi(self, *, series_key: str, roi_name: str, rtstruct_file_rel: str | None,
-                linked_by: str) -> None:
+    def add_roi(
+        self, *, series_key: str, roi_name: str, rtstruct_file_rel: str | None, linked_by: str
+    ) -> None:
         """Records which RTSTRUCT ROI gave a series' masks and how it was linked."""
         self._check_open()
         if linked_by not in LINKED_BY:
             raise ValueError(f"linked_by {linked_by!r} not in {LINKED_BY}")
         self._rois.append((series_key, roi_name, rtstruct_file_rel, linked_by))
 
-    def add_slice(self, *, series_key: str, slice_index: int, position_mm: float,
-                  sop_instance_uid: str | None, image: np.ndarray, mask: np.ndarray) -> None:
+    def add_slice(
+        self,
+        *,
+        series_key: str,
+        slice_index: int,
+        position_mm: float,
+        sop_instance_uid: str | None,
+        image: np.ndarray,
+        mask: np.ndarray,
+    ) -> None:
         """Writes a slice's .npz (image float32 (R, C) physical units, mask (R, C)), records it."""
         self._check_open()
         _check_key("series_key", series_key)
         self._check_new_slice(series_key, slice_index)
         tumor_pixels = write_slice_npz(
-            self.staging_dir / slice_relpath(series_key, slice_index), image, mask)
-        self._record_slice(series_key, slice_index, position_mm, sop_instance_uid, tumor_pixels,
-                           np.shape(image))
+            self.staging_dir / slice_relpath(series_key, slice_index), image, mask
+        )
+        self._record_slice(
+            series_key, slice_index, position_mm, sop_instance_uid, tumor_pixels, np.shape(image)
+        )
 
-    def add_slice_file(self, *, series_key: str, slice_index: int, position_mm: float,
-                       sop_instance_uid: str | None, tumor_pixels: int) -> None:
+    def add_slice_file(
+        self,
+        *,
+        series_key: str,
+        slice_index: int,
+        position_mm: float,
+        sop_instance_uid: str | None,
+        tumor_pixels: int,
+    ) -> None:
         """Records a slice whose file a worker already wrote with write_slice_npz.
 
         The file must be at staging_dir / slice_relpath(series_key, slice_index).
@@ -337,18 +401,22 @@ class IndexWriter:
         path = os.path.join(self.staging_dir, slice_relpath(series_key, slice_index))
         if not os.path.isfile(path):
             raise ValueError(f"slice file {path} was not written")
-        self._record_slice(series_key, slice_index, position_mm, sop_instance_uid, tumor_pixels,
-                           None)
+        self._record_slice(
+            series_key, slice_index, position_mm, sop_instance_uid, tumor_pixels, None
+        )
 
     def _check_new_slice(self, series_key: str, slice_index: int) -> None:
         if (series_key, int(slice_index)) in self._slices:
             raise ValueError(f"slice {slice_index} of series {series_key!r} was added twice")
 
-    def _record_slice(self, series_key, slice_index, position_mm, sop_instance_uid,
-                      tumor_pixels, shape) -> None:
+    def _record_slice(
+        self, series_key, slice_index, position_mm, sop_instance_uid, tumor_pixels, shape
+    ) -> None:
         self._slices[(series_key, int(slice_index))] = {
-            "position_mm": float(position_mm), "sop_instance_uid": sop_instance_uid,
-            "tumor_pixels": int(tumor_pixels), "shape": shape,
+            "position_mm": float(position_mm),
+            "sop_instance_uid": sop_instance_uid,
+            "tumor_pixels": int(tumor_pixels),
+            "shape": shape,
         }
 
     def add_warning(self, path_rel: str | None, message: str) -> None:
@@ -361,7 +429,8 @@ class IndexWriter:
             if series["patient_key"] not in self._patients:
                 raise ValueError(
                     f"series {series['series_key']!r} names patient {series['patient_key']!r}, "
-                    "who was never added")
+                    "who was never added"
+                )
         for series_key, *_ in self._rois:
             if series_key not in self._series:
                 raise ValueError(f"an ROI names series {series_key!r}, which was never added")
@@ -369,22 +438,27 @@ class IndexWriter:
             series = self._series.get(series_key)
             if series is None:
                 raise ValueError(
-                    f"slice {slice_index} names series {series_key!r}, which was never added")
+                    f"slice {slice_index} names series {series_key!r}, which was never added"
+                )
             shape = slice_row["shape"]
             if shape is not None and tuple(shape) != (series["rows"], series["cols"]):
                 raise ValueError(
                     f"slice {slice_index} of series {series_key!r} is {tuple(shape)}, the series "
-                    f"is {(series['rows'], series['cols'])}")
+                    f"is {(series['rows'], series['cols'])}"
+                )
 
     def _write_sqlite(self, path: pathlib.Path) -> None:
         slice_keys = sorted(self._slices)
         slice_patients = [
-            (self._series[series_key]["patient_key"],
-             self._slices[(series_key, index)]["position_mm"])
+            (
+                self._series[series_key]["patient_key"],
+                self._slices[(series_key, index)]["position_mm"],
+            )
             for series_key, index in slice_keys
         ]
         slice_splits = splits_lib.assign_slice_splits(
-            self.split_scheme, self.seed, self._patients, slice_patients)
+            self.split_scheme, self.seed, self._patients, slice_patients
+        )
         meta = {
             "schema_version": str(SCHEMA_VERSION),
             "split_scheme": self.split_scheme,
@@ -392,9 +466,23 @@ class IndexWriter:
             "created_by": json.dumps(self.provenance, sort_keys=True, default=str),
         }
         series_columns = (
-            "series_key", "patient_key", "study_uid", "series_uid", "modality", "sequence",
-            "description", "frame_of_reference_uid", "rows", "cols", "pixel_spacing_row_mm",
-            "pixel_spacing_col_mm", "slice_spacing_mm", "orientation", "n_slices", "units")
+            "series_key",
+            "patient_key",
+            "study_uid",
+            "series_uid",
+            "modality",
+            "sequence",
+            "description",
+            "frame_of_reference_uid",
+            "rows",
+            "cols",
+            "pixel_spacing_row_mm",
+            "pixel_spacing_col_mm",
+            "slice_spacing_mm",
+            "orientation",
+            "n_slices",
+            "units",
+        )
         connection = sqlite3.connect(path)
         try:
             with connection:
@@ -402,25 +490,43 @@ class IndexWriter:
                 connection.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
                 connection.executemany(
                     "INSERT INTO patients VALUES (?, ?, ?, ?)",
-                    [(key, row["age"], row["sex"], row["site"])
-                     for key, row in sorted(self._patients.items())])
+                    [
+                        (key, row["age"], row["sex"], row["site"])
+                        for key, row in sorted(self._patients.items())
+                    ],
+                )
                 connection.executemany(
                     f"INSERT INTO series VALUES ({', '.join('?' * len(series_columns))})",
-                    [tuple(self._series[key][column] for column in series_columns)
-                     for key in sorted(self._series)])
+                    [
+                        tuple(self._series[key][column] for column in series_columns)
+                        for key in sorted(self._series)
+                    ],
+                )
                 connection.executemany(
                     "INSERT INTO rois VALUES (?, ?, ?, ?)",
-                    sorted(self._rois, key=lambda row: tuple(str(value) for value in row)))
+                    sorted(self._rois, key=lambda row: tuple(str(value) for value in row)),
+                )
                 connection.executemany(
                     "INSERT INTO slices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(series_key, index, row["position_mm"], row["sop_instance_uid"],
-                      int(row["tumor_pixels"] > 0), row["tumor_pixels"], split,
-                      slice_relpath(series_key, index))
-                     for (series_key, index), split in zip(slice_keys, slice_splits, strict=True)
-                     for row in [self._slices[(series_key, index)]]])
+                    [
+                        (
+                            series_key,
+                            index,
+                            row["position_mm"],
+                            row["sop_instance_uid"],
+                            int(row["tumor_pixels"] > 0),
+                            row["tumor_pixels"],
+                            split,
+                            slice_relpath(series_key, index),
+                        )
+                        for (series_key, index), split in zip(slice_keys, slice_splits, strict=True)
+                        for row in [self._slices[(series_key, index)]]
+                    ],
+                )
                 connection.executemany(
                     "INSERT INTO warnings VALUES (?, ?)",
-                    sorted(self._warnings, key=lambda row: (str(row[0]), row[1])))
+                    sorted(self._warnings, key=lambda row: (str(row[0]), row[1])),
+                )
         finally:
             connection.close()
 
@@ -503,8 +609,8 @@ def _modality_condition(modalities) -> tuple[str, list]:
             params.append(upper)
         else:
             raise ValueError(
-                f"unknown modality {name!r}; expected one of "
-                f"{', '.join(MODALITIES + MR_SEQUENCES)}")
+                f"unknown modality {name!r}; expected one of {', '.join(MODALITIES + MR_SEQUENCES)}"
+            )
     return "(" + " OR ".join(clauses) + ")", params
 
 
@@ -522,10 +628,12 @@ class Index:
         if not self.sqlite_path.is_file():
             raise IndexNotFoundError(
                 f"no index at {out_dir}: {INDEX_FILENAME} is missing (run "
-                "`python -m data_pipeline.ingest --dicom_dir D --out_dir O` first)")
+                "`python -m data_pipeline.ingest --dicom_dir D --out_dir O` first)"
+            )
         try:
-            tables = {row[0] for row in self._fetch(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            tables = {
+                row[0] for row in self._fetch("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
         except sqlite3.DatabaseError as error:
             raise BadIndexError(f"{self.sqlite_path} is not a readable index: {error}") from None
         if not {"meta", "patients", "series", "slices"} <= tables:
@@ -540,9 +648,16 @@ class Index:
         finally:
             connection.close()
 
-    def query(self, modality=None, sequence=None, split=None, has_tumor: bool | None = None,
-              site=None, age: tuple[float | None, float | None] | None = None,
-              patients: Iterable[str] | None = None) -> list[SliceRecord]:
+    def query(
+        self,
+        modality=None,
+        sequence=None,
+        split=None,
+        has_tumor: bool | None = None,
+        site=None,
+        age: tuple[float | None, float | None] | None = None,
+        patients: Iterable[str] | None = None,
+    ) -> list[SliceRecord]:
         """Slices matching every given filter, ordered by patient key, series key, slice index.
 
         Args:
@@ -576,7 +691,8 @@ class Index:
             unknown = [name for name in split_names if name not in SPLITS]
             if unknown:
                 raise ValueError(
-                    f"unknown split {unknown[0]!r}; expected one of {', '.join(SPLITS)}")
+                    f"unknown split {unknown[0]!r}; expected one of {', '.join(SPLITS)}"
+                )
             conditions.append(_in_condition("s.split", len(split_names)))
             params += split_names
         if has_tumor is not None:
@@ -609,14 +725,21 @@ class Index:
             "FROM slices s JOIN series r ON s.series_key = r.series_key "
             "JOIN patients p ON r.patient_key = p.patient_key "
             f"WHERE {where} ORDER BY p.patient_key, s.series_key, s.slice_index",
-            params)
+            params,
+        )
         return [
             SliceRecord(
-                patient_key=row["patient_key"], modality=row["modality"],
-                sequence=row["sequence"], split=row["split"], has_tumor=bool(row["has_tumor"]),
-                series_key=row["series_key"], slice_index=row["slice_index"],
-                position_mm=row["position_mm"], tumor_pixels=row["tumor_pixels"],
-                path=str(self.out_dir / row["path"]))
+                patient_key=row["patient_key"],
+                modality=row["modality"],
+                sequence=row["sequence"],
+                split=row["split"],
+                has_tumor=bool(row["has_tumor"]),
+                series_key=row["series_key"],
+                slice_index=row["slice_index"],
+                position_mm=row["position_mm"],
+                tumor_pixels=row["tumor_pixels"],
+                path=str(self.out_dir / row["path"]),
+            )
             for row in rows
         ]
 
@@ -629,7 +752,8 @@ class Index:
             " WHERE r.patient_key = p.patient_key) AS n_slices, "
             "(SELECT group_concat(split) FROM (SELECT DISTINCT s.split FROM slices s "
             " JOIN series r ON s.series_key = r.series_key WHERE r.patient_key = p.patient_key)) "
-            "AS splits FROM patients p ORDER BY p.patient_key")
+            "AS splits FROM patients p ORDER BY p.patient_key"
+        )
         patients = []
         for row in rows:
             patient = dict(row)
@@ -649,8 +773,9 @@ class Index:
 
     def rois(self) -> list[dict]:
         """The ROI links: series_key, roi_name, rtstruct_file, linked_by."""
-        return [dict(row) for row in self._fetch(
-            "SELECT * FROM rois ORDER BY series_key, roi_name")]
+        return [
+            dict(row) for row in self._fetch("SELECT * FROM rois ORDER BY series_key, roi_name")
+        ]
 
     def warnings(self) -> list[dict]:
         """Input problems recorded at ingest: path, message."""
@@ -668,14 +793,19 @@ class Index:
         """Counts of patients, series per modality (MR per sequence), slices, tumour slices."""
         meta = self.meta()
         series_counts = {
-            row["kind"]: row["n"] for row in self._fetch(
+            row["kind"]: row["n"]
+            for row in self._fetch(
                 "SELECT CASE WHEN modality = 'MR' THEN 'MR_' || coalesce(sequence, 'unknown') "
-                "ELSE modality END AS kind, count(*) AS n FROM series GROUP BY kind ORDER BY kind")}
+                "ELSE modality END AS kind, count(*) AS n FROM series GROUP BY kind ORDER BY kind"
+            )
+        }
         split_counts = {
-            row["split"]: row["n"] for row in self._fetch(
-                "SELECT split, count(*) AS n FROM slices GROUP BY split")}
+            row["split"]: row["n"]
+            for row in self._fetch("SELECT split, count(*) AS n FROM slices GROUP BY split")
+        }
         slice_totals = self._fetch(
-            "SELECT count(*) AS n, coalesce(sum(has_tumor), 0) AS n_tumor FROM slices")[0]
+            "SELECT count(*) AS n, coalesce(sum(has_tumor), 0) AS n_tumor FROM slices"
+        )[0]
         return {
             "split_scheme": meta["split_scheme"],
             "seed": meta["seed"],

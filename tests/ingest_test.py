@@ -314,7 +314,6 @@ class RealDataIngestTest(absltest.TestCase):
 
 
 class SharedMapTest(absltest.TestCase):
-
     def test_results_in_order_with_this_thread_working_too(self):
         import concurrent.futures
         import threading
@@ -336,7 +335,6 @@ class SharedMapTest(absltest.TestCase):
 
     def test_without_executor_is_map(self):
         self.assertEqual(list(ingest_lib._shared_map(None, abs, [-2, 3, -4])), [2, 3, 4])
-
 
 
 if __name__ == "__main__":
