@@ -8,22 +8,18 @@ import functools
 import math
 import os
 import re
-import struct
-import types
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pydicom
-import pydicom.charset
 import pydicom.errors
-import pydicom.sequence
-import pydicom.uid
 
+from data_pipeline import dicom_scan
+from data_pipeline import fast_paths as fast_paths_lib
 from data_pipeline.vocabulary import IMAGE_MODALITIES
 
 # Cosines closer than this are treated as the same orientation (about 0.06 degrees).
 _ORIENTATION_TOLERANCE = 1e-3
-_STRUCT_H, _STRUCT_I, _STRUCT_HH = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<HH")
 
 
 class InputProblem(Exception):
@@ -134,12 +130,15 @@ _RAW_TEXT_VRS = _ASCII_VRS | {"LO", "SH"}
 
 
 def _raw_ascii(ds: pydicom.Dataset, keyword: str) -> str | None:
-    """An ASCII-valued element read from its undecoded bytes; None where that does not apply.
+    """An ASCII-valued element of a scanned header read from its undecoded bytes; None where that
+    does not apply (a pydicom Dataset, another VR, text in the file's character set).
 
     pydicom validates and converts every value it is asked for (a DS triplet becomes three DSfloat
     objects), which costs more per file than parsing the header; UIDs, codes and decimal strings
     need none of that.
     """
+    if not isinstance(ds, dicom_scan.ScannedHeader):
+        return None
     tag, vr = _keyword_tag_vr(keyword)
     if tag is None or tag not in ds or vr not in _RAW_TEXT_VRS:
         return None
@@ -149,14 +148,6 @@ def _raw_ascii(ds: pydicom.Dataset, keyword: str) -> str | None:
     if vr not in _ASCII_VRS and not element.value.isascii():
         return None  # text in the file's character set: pydicom decodes it
     return element.value.decode("ascii", "replace").strip(" \x00")
-
-
-@functools.cache
-def _keyword_vr(tag: int) -> str | None:
-    try:
-        return pydicom.datadict.dictionary_VR(tag)
-    except KeyError:
-        return None
 
 
 @functools.cache
@@ -171,8 +162,8 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
         return raw
     value = ds.get(keyword, "")
     if isinstance(value, pydicom.multival.MultiValue):
-        return "\\".join(str(v) for v in value)
-    return str(value) if value is not None else ""
+        return "\\".join(str(v) for v in value).strip(" \x00")
+    return str(value).strip(" \x00") if value is not None else ""
 
 
 def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
@@ -260,323 +251,26 @@ _HEADER_TAGS = (
 
 # As tags: pydicom would look every keyword up again for every file.
 _HEADER_TAG_NUMBERS = [pydicom.tag.Tag(keyword) for keyword in _HEADER_TAGS]
-
-# A header scanner of our own for the common transfer syntaxes. pydicom's reader builds, checks and
-# converts every element of every file it walks, which made reading headers cost as much as the
-# bare dcmread + pixel_array loop ingest is measured against; this one walks the element tags and
-# lengths with struct, keeps the raw bytes of the few elements ingest reads, and hands them to
-# pydicom as RawDataElements, so that pydicom still converts every value. Anything it does not
-# expect (no preamble, big endian, deflate, a malformed or truncated header) falls back to
-# pydicom.dcmread, which also words the error for a bad file. tests/dicom_io_test.py checks both
-# paths give equal headers on the phantom, the real data and pydicom's own test files.
-_SCAN_TAGS = frozenset(int(tag) for tag in _HEADER_TAG_NUMBERS) | {0x00080005}  # + charset
-_KEYWORD_TAGS = {
-    keyword: int(tag) for keyword, tag in zip(_HEADER_TAGS, _HEADER_TAG_NUMBERS, strict=True)
-}
-_KEYWORD_TAGS["SpecificCharacterSet"] = 0x00080005
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-_SCAN_SYNTAXES = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # uid -> explicit VR
-_ENCAPSULATED_PREFIX = "1.2.840.10008.1.2.4."  # JPEG family: explicit VR LE dataset
-_UNDEFINED = 0xFFFFFFFF
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_FIRST_READ = 1 << 16
+# What data_pipeline.dicom_scan keeps of each header (the fast path).
+_SCAN_TAGS = frozenset(int(tag) for tag in _HEADER_TAG_NUMBERS)
 
 
-class ScanError(Exception):
-    """The scanner cannot read this; pydicom can say why, or read it."""
-
-
-class _NeedMore(ScanError):
-    """The scan ran past the bytes read so far."""
-
-
-class _Unexpected(ScanError):
-    """Something the scanner leaves to pydicom."""
-
-
-def _element_at(buffer: bytes, pos: int, explicit: bool) -> tuple[int, bytes | None, int, int]:
-    """(tag, VR or None, value length, value offset) of the element starting at pos."""
-    if pos + 8 > len(buffer):
-        raise _NeedMore
-    group, element = _STRUCT_HH.unpack_from(buffer, pos)
-    tag = group << 16 | element
-    if group == 0xFFFE or not explicit:  # items and delimiters have no VR in any syntax
-        return tag, None, _STRUCT_I.unpack_from(buffer, pos + 4)[0], pos + 8
-    vr = buffer[pos + 4 : pos + 6]
-    if vr in _LONG_VRS:
-        if pos + 12 > len(buffer):
-            raise _NeedMore
-        return tag, vr, _STRUCT_I.unpack_from(buffer, pos + 8)[0], pos + 12
-    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-        raise _Unexpected
-    return tag, vr, _STRUCT_H.unpack_from(buffer, pos + 6)[0], pos + 8
-
-
-def _skip_undefined(buffer: bytes, pos: int, explicit: bool) -> int:
-    """Offset just past the sequence delimiter of an undefined-length value starting at pos."""
-    while True:
-        tag, _, length, pos = _element_at(buffer, pos, explicit)
-        if tag == _SEQUENCE_END:
-            return pos
-        if tag != _ITEM:
-            raise _Unexpected
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        while True:  # an item of undefined length: its elements up to the item delimiter
-            tag, vr, length, pos = _element_at(buffer, pos, explicit)
-            if tag == _ITEM_END:
-                break
-            if length == _UNDEFINED:  # a nested sequence (UN of undefined length: implicit VR)
-                pos = _skip_undefined(buffer, pos, explicit and vr != b"UN")
-            else:
-                pos += length
-
-
-def _scan_elements(buffer: bytes, pos: int, explicit: bool) -> dict:
-    """The wanted top-level elements from pos on, as RawDataElements, up to the pixel data."""
-    elements = {}
-    while pos < len(buffer):
-        tag, vr, length, value_pos = _element_at(buffer, pos, explicit)
-        if tag >> 16 == 0xFFFE:
-            raise _Unexpected
-        vr_text = vr.decode("ascii") if vr is not None else None
-        if tag in _PIXEL_TAGS:  # left unread: only its length and offset are needed
-            elements[tag] = pydicom.dataelem.RawDataElement(
-                pydicom.tag.Tag(tag), vr_text, length, None, value_pos, not explicit, True
-            )
-            if tag == 0x7FE00010:
-                return elements
-            if length == _UNDEFINED:
-                raise _Unexpected
-            pos = value_pos + length
-            continue
-        if length == _UNDEFINED:
-            end = _skip_undefined(buffer, value_pos, explicit and vr != b"UN")
-            value_end = end - 8  # the value bytes exclude the sequence delimiter
-            length = value_end - value_pos
-        else:
-            end = value_end = value_pos + length
-            if end > len(buffer):
-                raise _NeedMore
-        if tag in _SCAN_TAGS:
-            elements[tag] = pydicom.dataelem.RawDataElement(
-                pydicom.tag.Tag(tag),
-                vr_text,
-                length,
-                buffer[value_pos:value_end],
-                value_pos,
-                not explicit,
-                True,
-            )
-        pos = end
-    return elements
-
-
-def _dataset_start(buffer: bytes) -> tuple[int, str, bool]:
-    """(offset of the dataset after the file meta, transfer syntax UID, explicit VR?)."""
-    if len(buffer) < 132 or buffer[128:132] != b"DICM":
-        raise _Unexpected
-    pos, syntax = 132, None
-    while True:  # file meta: explicit VR little endian, group 0002
-        if pos + 8 > len(buffer):
-            raise _NeedMore
-        if _STRUCT_H.unpack_from(buffer, pos)[0] != 0x0002:
-            break
-        tag, _, length, value_pos = _element_at(buffer, pos, True)
-        if length == _UNDEFINED:
-            raise _Unexpected
-        if value_pos + length > len(buffer):
-            raise _NeedMore
-        if tag == 0x00020010:
-            syntax = buffer[value_pos : value_pos + length].decode("ascii", "replace")
-            syntax = syntax.strip(" \x00")
-        pos = value_pos + length
-    if syntax in _SCAN_SYNTAXES:
-        explicit = _SCAN_SYNTAXES[syntax]
-    elif syntax is not None and syntax.startswith(_ENCAPSULATED_PREFIX):
-        explicit = True
-    else:
-        raise _Unexpected
-    return pos, syntax, explicit
-
-
-def _scan(buffer: bytes) -> _ScannedHeader:
-    pos, syntax, explicit = _dataset_start(buffer)
-    return _ScannedHeader(_scan_elements(buffer, pos, explicit), syntax)
-
-
-def _value_span(buffer: bytes, vr: bytes | None, length: int, value_pos: int, explicit: bool):
-    """(value start, value end, offset after the element) of an element's value."""
-    if length != _UNDEFINED:
-        end = value_pos + length
-        if end > len(buffer):
-            raise _NeedMore
-        return value_pos, end, end
-    end = _skip_undefined(buffer, value_pos, explicit and vr != b"UN")
-    return value_pos, end - 8, end
-
-
-def _walk(buffer: bytes, start: int, end: int, explicit: bool) -> Iterator[tuple[int, ...]]:
-    """(tag, element start, value start, value end, element end) of each element of the dataset
-    (or item) in buffer[start:end], with no conversion; raises _Unexpected or _NeedMore on
-    anything malformed."""
-    pos = start
-    while pos < end:
-        tag, vr, length, value_pos = _element_at(buffer, pos, explicit)
-        if tag >> 16 == 0xFFFE:
-            raise _Unexpected
-        value_start, value_end, element_end = _value_span(buffer, vr, length, value_pos, explicit)
-        yield tag, pos, value_start, value_end, element_end
-        pos = element_end
-    if pos != end:
-        raise _Unexpected
-
-
-def scan_elements(buffer: bytes, start: int, end: int, explicit: bool) -> dict[int, tuple]:
-    """The elements of one dataset (or item) in buffer[start:end]: tag -> (value start, value end).
-
-    For data inside sequences: the caller knows each tag's VR.
-    """
-    return {tag: (first, last) for tag, _, first, last, _ in _walk(buffer, start, end, explicit)}
-
-
-def scan_items(buffer: bytes, start: int, end: int, explicit: bool) -> list[tuple[int, int]]:
-    """The (start, end) of each item of a sequence whose value is buffer[start:end]."""
-    items, pos = [], start
-    while pos < end:
-        tag, _, length, pos = _element_at(buffer, pos, explicit)
-        if tag != _ITEM:
-            raise _Unexpected
-        if length == _UNDEFINED:  # its elements up to the item delimiter
-            item_start = pos
-            while True:
-                tag, vr, length, value_pos = _element_at(buffer, pos, explicit)
-                if tag == _ITEM_END:
-                    items.append((item_start, pos))
-                    pos = value_pos
-                    break
-                pos = _value_span(buffer, vr, length, value_pos, explicit)[2]
-        else:
-            if pos + length > end:
-                raise _Unexpected
-            items.append((pos, pos + length))
-            pos += length
-    return items
-
-
-def scan_dataset(path: str) -> tuple[bytes, dict[int, tuple], bool] | None:
-    """A whole file's bytes, its top-level elements and whether its VR is explicit; None where the
-    scanner leaves the file to pydicom.
-
-    The elements map tag -> (element start, value start, value end, element end) offsets.
-    """
-    try:
-        with open(path, "rb") as file:
-            buffer = file.read()
-        pos, syntax, explicit = _dataset_start(buffer)
-        if syntax not in _SCAN_SYNTAXES:  # encapsulated pixel data: not an RTSTRUCT
-            return None
-        elements = {tag: tuple(spans) for tag, *spans in _walk(buffer, pos, len(buffer), explicit)}
-        return buffer, elements, explicit
-    except (ScanError, struct.error, OSError):
-        return None
-
-
-class _ScannedHeader:
-    """Scanned raw elements behind the few Dataset methods read_header and its helpers call.
-
-    A pydicom Dataset built from the same elements would do, but looking values up in one costs
-    more than the scan itself; values are still converted by pydicom, one element at a time.
-    """
-
-    def __init__(self, elements: dict, syntax: str):
-        self._elements = elements
-        self.file_meta = types.SimpleNamespace(TransferSyntaxUID=pydicom.uid.UID(syntax))
-
-    @functools.cached_property
-    def _encoding(self):
-        charset = self._elements.get(0x00080005)
-        if charset is None or not charset.value:
-            return None
-        value = pydicom.dataelem.convert_raw_data_element(charset).value
-        return pydicom.charset.convert_encodings(value or "ISO_IR 6")
-
-    def _tag(self, key) -> int:
-        return _KEYWORD_TAGS.get(key, key) if isinstance(key, str) else int(key)
-
-    def __contains__(self, key) -> bool:
-        return self._tag(key) in self._elements
-
-    def get_item(self, key, *, keep_deferred: bool = False):
-        return self._elements.get(self._tag(key))
-
-    def _convert(self, raw):
-        return pydicom.dataelem.convert_raw_data_element(raw, encoding=self._encoding)
-
-    def get(self, key, default=None):
-        raw = self._elements.get(self._tag(key))
-        if raw is None or raw.value is None:
-            return default
-        vr = raw.VR or _keyword_vr(raw.tag)
-        if raw.length == 2 and vr == "US":
-            return _STRUCT_H.unpack(raw.value)[0]  # most of what is read: Rows, BitsAllocated...
-        if vr == "SQ":  # the same in every slice of a series: converted once
-            return _converted_sequence(raw.value, raw.is_implicit_VR, self._encoding_key)
-        return self._convert(raw).value
-
-    @property
-    def _encoding_key(self):
-        encoding = self._encoding
-        return tuple(encoding) if isinstance(encoding, list) else encoding
-
-    def __getattr__(self, keyword: str):
-        if keyword.startswith("_") or keyword not in _KEYWORD_TAGS:
-            raise AttributeError(keyword)
-        value = self.get(keyword)
-        if value is None:
-            raise AttributeError(keyword)
-        return value
-
-
-@functools.lru_cache(maxsize=64)
-def _converted_sequence(value: bytes, implicit: bool, encoding) -> pydicom.sequence.Sequence:
-    """A sequence's raw bytes converted by pydicom (memoised: callers only read the result)."""
-    raw = pydicom.dataelem.RawDataElement(
-        pydicom.tag.Tag(0), "SQ", len(value), value, 0, implicit, True
-    )
-    encoding = list(encoding) if isinstance(encoding, tuple) else encoding
-    return pydicom.dataelem.convert_raw_data_element(raw, encoding=encoding).value
-
-
-def _scan_header(path: str) -> _ScannedHeader | None:
-    """The header elements ingest reads, scanned without pydicom's reader; None: use pydicom."""
-    try:
-        with open(path, "rb") as file:
-            buffer = file.read(_FIRST_READ)
-            try:
-                return _scan(buffer)
-            except _NeedMore:
-                if len(buffer) < _FIRST_READ:
-                    return None  # the file ends inside its header: pydicom says how
-                buffer += file.read()
-            return _scan(buffer)
-    except (_NeedMore, _Unexpected, struct.error, UnicodeDecodeError, ValueError, OSError):
-        return None
-
-
-def read_header(path: str | os.PathLike) -> Header:
+def read_header(path: str | os.PathLike, fast_paths: bool | None = None) -> Header:
     """Reads one file's header (no pixels).
+
+    Args:
+      path: the file.
+      fast_paths: scan the header with data_pipeline.dicom_scan and locate plain pixels for numpy
+        (True), or read it with pydicom only, its pixels later with ``pixel_array`` (False); None:
+        as ``$SARCOMA_JAX_FAST_PATHS`` says (data_pipeline.fast_paths).
 
     Raises:
       InputProblem: the file is not DICOM, is truncated, or lacks the attributes ingest needs.
     """
     path = str(path)
+    fast = fast_paths_lib.enabled(fast_paths)
     try:
-        ds = _scan_header(path)
+        ds = dicom_scan.scan_header(path, _SCAN_TAGS) if fast else None
         if ds is None:
             # Only the attributes read below are converted; values over 4 KiB (the pixels) are
             # left unread, their length and offset still known.
@@ -599,6 +293,8 @@ def read_header(path: str | os.PathLike) -> Header:
         pixel_offset, pixel_dtype = _plain_pixel_location(ds)
     except (TypeError, ValueError) as e:
         raise InputProblem(path, f"malformed image attributes ({e})") from None
+    if not fast:  # pydicom decodes the pixels (pixel_array)
+        pixel_offset = pixel_dtype = None
     if modality in IMAGE_MODALITIES and has_pixels:
         try:
             position, orientation, spacing = (

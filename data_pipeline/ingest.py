@@ -1,7 +1,7 @@
 """Ingest a DICOM folder tree into a queryable index of per-slice images and tumour masks.
 
 python -m data_pipeline.ingest --dicom_dir D --out_dir O [--clinical F]
-    [--split_scheme patient|thesis] [--seed S] [--workers N]
+    [--split_scheme patient|thesis] [--seed S] [--workers N] [--fast_paths=false]
 
 Walks D (folder names carry no meaning), classifies every series, links each RTSTRUCT to its image
 series (referenced series UID, then contour image UIDs, then frame of reference and geometry),
@@ -28,7 +28,9 @@ import tqdm
 from absl import app, flags
 
 from data_pipeline import clinical as clinical_lib
+from data_pipeline import fast_paths as fast_paths_lib
 from data_pipeline import index as index_lib
+from data_pipeline import index_writer, slice_store
 from data_pipeline.dicom_io import (
     Header,
     InputProblem,
@@ -86,20 +88,20 @@ class IngestSummary:
 
 
 def _read_headers(
-    paths: Sequence[str],
+    paths: Sequence[str], fast_paths: bool
 ) -> tuple[list[Header | InputProblem], dict[str, StructureSet | InputProblem]]:
     """Each file's header or problem, and every RTSTRUCT among them read in full."""
     results, structures = [], {}
     for path in paths:
         try:
-            header = read_header(path)
+            header = read_header(path, fast_paths)
         except InputProblem as problem:
             results.append(problem)
             continue
         results.append(header)
         if header.modality == "RTSTRUCT":
             try:
-                structures[path] = read_rtstruct(path)
+                structures[path] = read_rtstruct(path, fast_paths)
             except InputProblem as problem:
                 structures[path] = problem
     return results, structures
@@ -115,6 +117,7 @@ class _SeriesTask:
     roi_name: str
     contours: tuple[Contour, ...]
     staging_dir: str = ""
+    fast_paths: bool = True  # passed explicitly: a forkserver keeps the environment it started in
 
 
 @dataclasses.dataclass
@@ -178,10 +181,11 @@ def _load_task(task: _SeriesTask) -> _SeriesResult:
     mask, warnings = rasterise(task.contours, series, task.roi_name, task.rtstruct_path)
     tumour_pixels = list(
         _writer_pool().map(
-            lambda k: index_lib.write_slice_npz(
+            lambda k: slice_store.write_slice(
                 os.path.join(task.staging_dir, index_lib.slice_relpath(task.series_key, k)),
                 series.pixels[k],
                 mask[k],
+                task.fast_paths,
             ),
             range(len(mask)),
         )
@@ -239,6 +243,7 @@ def ingest(
     patient_salt: str | None = None,
     progress: bool = True,
     log=None,
+    fast_paths: bool | None = None,
 ) -> IngestSummary:
     """Builds ``out_dir``'s index from the DICOM tree below ``dicom_dir``.
 
@@ -253,14 +258,19 @@ def ingest(
       patient_salt: when given, patient keys are salted hashes of PatientID.
       progress: show progress bars.
       log: callable for the one-line problem reports (default: print to stderr).
+      fast_paths: read DICOM with our scanner and write slices with ISA-L (True), or with pydicom
+        and zipfile only (False); both give the same index. None: as ``$SARCOMA_JAX_FAST_PATHS``
+        says (default on; data_pipeline.fast_paths).
 
     Returns:
       The summary.
 
     Raises:
       InputProblem: ``dicom_dir`` is missing or holds no usable image series.
+      ValueError: an unknown split scheme or value of ``$SARCOMA_JAX_FAST_PATHS``.
     """
     log = log or (lambda line: tqdm.tqdm.write(line, file=sys.stderr))
+    fast_paths = fast_paths_lib.enabled(fast_paths)
     dicom_dir = os.path.abspath(dicom_dir)
     if not os.path.isdir(dicom_dir):
         raise InputProblem(dicom_dir, "no such folder")
@@ -300,7 +310,8 @@ def ingest(
         headers: list[Header] = []
         with tqdm.tqdm(total=len(files), desc="headers", unit="file", disable=not progress) as bar:
             structures: dict[str, StructureSet | InputProblem] = {}
-            for chunk_results, chunk_structures in mapper(_read_headers, chunks):
+            read_headers = functools.partial(_read_headers, fast_paths=fast_paths)
+            for chunk_results, chunk_structures in mapper(read_headers, chunks):
                 structures.update(chunk_structures)
                 for result in chunk_results:
                     if isinstance(result, InputProblem):
@@ -403,7 +414,7 @@ def ingest(
         if not tasks:
             raise InputProblem(dicom_dir, "no image series with a linked RTSTRUCT to ingest")
 
-        writer = index_lib.IndexWriter(
+        writer = index_writer.IndexWriter(
             out_dir,
             split_scheme=split_scheme,
             seed=seed,
@@ -411,7 +422,10 @@ def ingest(
                 dicom_dir, split_scheme, seed, roi_patterns, patient_salt is not None
             ),
         )
-        tasks = [dataclasses.replace(t, staging_dir=str(writer.staging_dir)) for t in tasks]
+        tasks = [
+            dataclasses.replace(t, staging_dir=str(writer.staging_dir), fast_paths=fast_paths)
+            for t in tasks
+        ]
         patient_keys = set()
         with writer:
             results = mapper(_load_task, tasks)
@@ -532,6 +546,12 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "patient_salt", None, "If set, store salted hashes of PatientID as patient keys."
     )
+    flags.DEFINE_boolean(
+        "fast_paths",
+        None,
+        "Our DICOM scanner and ISA-L zip writer (true) or pydicom and zipfile only (false); the "
+        f"same index either way. Default: ${fast_paths_lib.ENV_VAR}, else true.",
+    )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -548,6 +568,7 @@ def main(argv: Sequence[str]) -> None:
             workers=FLAGS.workers,
             roi_patterns=FLAGS.rois,
             patient_salt=FLAGS.patient_salt,
+            fast_paths=FLAGS.fast_paths,
         )
     except (InputProblem, ValueError) as e:
         sys.exit(f"error: {e}")

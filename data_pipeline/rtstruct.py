@@ -14,7 +14,8 @@ import pydicom
 import pydicom.errors
 import skimage.draw
 
-from data_pipeline import dicom_io
+from data_pipeline import dicom_scan
+from data_pipeline import fast_paths as fast_paths_lib
 from data_pipeline.dicom_io import InputProblem, Series, slice_normal
 
 DEFAULT_ROI_PATTERNS = ("GTV_Mass", "GTV")
@@ -74,8 +75,8 @@ def _plane_normal(points_mm: np.ndarray) -> np.ndarray | None:
 _CONTOUR_DATA = 0x30060050  # (3006,0050) Contour Data
 
 
-def _contour_points(contour: pydicom.Dataset) -> np.ndarray:
-    """ContourData as float64 (3n,), parsed from its bytes when they are still undecoded.
+def _contour_points(contour: pydicom.Dataset, fast: bool) -> np.ndarray:
+    """ContourData as float64 (3n,), parsed from its bytes when they are still undecoded (fast).
 
     pydicom turns every decimal string into a validated DSfloat; a structure set holds hundreds of
     thousands of them, which made reading it the slowest part of an ingest.
@@ -83,7 +84,7 @@ def _contour_points(contour: pydicom.Dataset) -> np.ndarray:
     if _CONTOUR_DATA not in contour:
         return np.zeros(0)
     element = contour.get_item(_CONTOUR_DATA)
-    if isinstance(element, pydicom.dataelem.RawDataElement) and element.value is not None:
+    if fast and isinstance(element, pydicom.dataelem.RawDataElement) and element.value is not None:
         text = element.value.decode("ascii", "replace").strip(" \x00")
         return np.array(text.split("\\") if text else [], np.float64)
     return np.asarray([float(v) for v in contour.ContourData], np.float64)
@@ -113,8 +114,8 @@ def _text(buffer: bytes, span: tuple[int, int] | None, default: str = "") -> str
 
 
 def _scan_rtstruct(path: str) -> _Scanned | None:
-    """Reads ROIContourSequence and ReferencedFrameOfReferenceSequence with dicom_io's element
-    scanner; None where it cannot (pydicom then reads the whole file).
+    """Reads ROIContourSequence and ReferencedFrameOfReferenceSequence with the element scanner
+    (data_pipeline.dicom_scan); None where it cannot (pydicom then reads the whole file).
 
     Why our own: pydicom builds a Dataset for every contour, every ContourImageSequence item and
     every referenced image, and converts every value on access; a structure set has thousands,
@@ -124,16 +125,16 @@ def _scan_rtstruct(path: str) -> _Scanned | None:
     structure sets on the phantom, the real data and re-encoded variants (implicit VR, sequences of
     defined length, big endian and truncated files, which go to pydicom).
     """
-    scanned = dicom_io.scan_dataset(path)
+    scanned = dicom_scan.scan_dataset(path)
     if scanned is None:
         return None
     buffer, elements, explicit = scanned
 
     def items(span):
-        return dicom_io.scan_items(buffer, *span, explicit) if span else ()
+        return dicom_scan.scan_items(buffer, *span, explicit) if span else ()
 
     def item_elements(span):
-        return dicom_io.scan_elements(buffer, *span, explicit)
+        return dicom_scan.scan_elements(buffer, *span, explicit)
 
     def top(tag):
         return elements[tag][1:3] if tag in elements else None
@@ -167,7 +168,7 @@ def _scan_rtstruct(path: str) -> _Scanned | None:
                 )
                 contours.append(Contour(data.reshape(-1, 3), uids))
             result.contours.append((number, contours))
-    except (dicom_io.ScanError, struct.error, ValueError):
+    except (dicom_scan.ScanError, struct.error, ValueError):
         return None
     for tag in sorted((_REFERENCED_FRAMES, _ROI_CONTOURS), reverse=True):
         if tag in elements:  # cut from the end first: the earlier offsets stay valid
@@ -176,14 +177,20 @@ def _scan_rtstruct(path: str) -> _Scanned | None:
     return result
 
 
-def read_rtstruct(path: str | os.PathLike) -> StructureSet:
+def read_rtstruct(path: str | os.PathLike, fast_paths: bool | None = None) -> StructureSet:
     """Reads an RTSTRUCT's ROIs and contours.
+
+    Args:
+      path: the file.
+      fast_paths: read the contours with data_pipeline.dicom_scan (True) or with pydicom only
+        (False); None: as ``$SARCOMA_JAX_FAST_PATHS`` says (data_pipeline.fast_paths).
 
     Raises:
       InputProblem: not a readable RTSTRUCT.
     """
     path = str(path)
-    scanned = _scan_rtstruct(path)
+    fast = fast_paths_lib.enabled(fast_paths)
+    scanned = _scan_rtstruct(path) if fast else None
     try:
         # With the two long sequences scanned, pydicom reads the rest of the file only.
         ds = pydicom.dcmread(path if scanned is None else io.BytesIO(scanned.rest))
@@ -194,13 +201,13 @@ def read_rtstruct(path: str | os.PathLike) -> StructureSet:
     if str(ds.get("Modality", "")).upper() != "RTSTRUCT":
         raise InputProblem(path, f"not an RTSTRUCT (Modality {ds.get('Modality')!r})")
     try:
-        return _structure_set(path, ds, scanned)
+        return _structure_set(path, ds, scanned, fast)
     except (AttributeError, EOFError, KeyError, OSError, TypeError, ValueError) as e:
         # A file cut short or malformed inside its sequences, which pydicom reads lazily.
         raise InputProblem(path, f"unreadable RTSTRUCT ({type(e).__name__}: {e})") from None
 
 
-def _sequences_by_pydicom(ds: pydicom.Dataset) -> _Scanned:
+def _sequences_by_pydicom(ds: pydicom.Dataset, fast: bool) -> _Scanned:
     """What _scan_rtstruct reads, read through pydicom (where the scanner could not)."""
     read = _Scanned(b"", [], [], [])
     for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
@@ -213,7 +220,7 @@ def _sequences_by_pydicom(ds: pydicom.Dataset) -> _Scanned:
         for contour in roi_contour.get("ContourSequence", []):
             if str(contour.get("ContourGeometricType", "CLOSED_PLANAR")).upper() != "CLOSED_PLANAR":
                 continue
-            data = _contour_points(contour)
+            data = _contour_points(contour, fast)
             if data.size < 9 or data.size % 3:
                 continue
             uids = tuple(
@@ -226,12 +233,14 @@ def _sequences_by_pydicom(ds: pydicom.Dataset) -> _Scanned:
     return read
 
 
-def _structure_set(path: str, ds: pydicom.Dataset, scanned: _Scanned | None) -> StructureSet:
+def _structure_set(
+    path: str, ds: pydicom.Dataset, scanned: _Scanned | None, fast: bool
+) -> StructureSet:
     names = {
         int(roi.ROINumber): str(roi.get("ROIName", f"ROI_{roi.ROINumber}"))
         for roi in ds.get("StructureSetROISequence", [])
     }
-    sequences = scanned if scanned is not None else _sequences_by_pydicom(ds)
+    sequences = scanned if scanned is not None else _sequences_by_pydicom(ds, fast)
     frames, series_uids = list(sequences.frames), sequences.series_uids
     for roi in ds.get("StructureSetROISequence", []):
         frames.append(str(roi.get("ReferencedFrameOfReferenceUID", "")))

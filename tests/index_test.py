@@ -1,6 +1,5 @@
 """Tests of IndexWriter, Index (data_pipeline/index.py) and read_clinical on synthetic data."""
 
-import io
 import os
 import pathlib
 import sqlite3
@@ -8,13 +7,12 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import zipfile
 
 import numpy as np
 import pandas as pd
 from absl.testing import absltest, parameterized
 
-from data_pipeline import clinical
+from data_pipeline import clinical, index_writer, slice_store
 from data_pipeline import index as index_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -55,7 +53,7 @@ def write_index(out_dir, content: dict, reverse: bool = False, **writer_kwargs) 
     """Writes `content` with IndexWriter; reverse=True adds everything in the opposite order."""
     order = list(reversed(content)) if reverse else list(content)
     patients = list(reversed(PATIENTS)) if reverse else PATIENTS
-    writer = index_lib.IndexWriter(out_dir, provenance={"test": "index_test"}, **writer_kwargs)
+    writer = index_writer.IndexWriter(out_dir, provenance={"test": "index_test"}, **writer_kwargs)
     with writer:
         for patient_key, age, sex, site in patients:
             writer.add_patient(patient_key, age=age, sex=sex, site=site)
@@ -309,7 +307,7 @@ class IndexWriterTest(absltest.TestCase):
         write_index(self.out_dir, self.content)
         before = index_lib.Index(self.out_dir).query()
         with self.assertRaisesRegex(RuntimeError, "interrupted"):
-            with index_lib.IndexWriter(self.out_dir) as writer:
+            with index_writer.IndexWriter(self.out_dir) as writer:
                 writer.add_patient("STS_009")
                 raise RuntimeError("interrupted")
         after = index_lib.Index(self.out_dir).query()
@@ -320,8 +318,8 @@ class IndexWriterTest(absltest.TestCase):
         write_index(self.out_dir, self.content)
         script = textwrap.dedent(f"""
             import os, numpy as np
-            from data_pipeline import index
-            writer = index.IndexWriter({self.out_dir!r})
+            from data_pipeline import index_writer
+            writer = index_writer.IndexWriter({self.out_dir!r})
             writer.add_patient("STS_009")
             writer.add_series(series_key="S9", patient_key="STS_009", study_uid="1",
                               series_uid="2", modality="CT", sequence=None, description="",
@@ -343,7 +341,7 @@ class IndexWriterTest(absltest.TestCase):
 
     def test_interrupted_commit_leaves_no_half_index(self):
         write_index(self.out_dir, self.content)
-        writer = index_lib.IndexWriter(self.out_dir)
+        writer = index_writer.IndexWriter(self.out_dir)
         writer.add_patient("STS_009")
         original_replace = os.replace
 
@@ -361,7 +359,7 @@ class IndexWriterTest(absltest.TestCase):
 
     def test_recommit_replaces_old_slices(self):
         write_index(self.out_dir, self.content)
-        with index_lib.IndexWriter(self.out_dir) as writer:
+        with index_writer.IndexWriter(self.out_dir) as writer:
             writer.add_patient("STS_009")
         self.assertEqual(index_lib.Index(self.out_dir).query(), [])
         self.assertEqual(os.listdir(os.path.join(self.out_dir, "slices")), [])
@@ -369,7 +367,7 @@ class IndexWriterTest(absltest.TestCase):
 
     def test_inconsistent_input_is_refused(self):
         with self.assertRaisesRegex(ValueError, "folder"):
-            with index_lib.IndexWriter(self.out_dir) as writer:
+            with index_writer.IndexWriter(self.out_dir) as writer:
                 writer.add_slice(
                     series_key="../escape",
                     slice_index=0,
@@ -379,7 +377,7 @@ class IndexWriterTest(absltest.TestCase):
                     mask=np.zeros((2, 2)),
                 )
         with self.assertRaisesRegex(ValueError, "never added"):
-            with index_lib.IndexWriter(self.out_dir) as writer:
+            with index_writer.IndexWriter(self.out_dir) as writer:
                 writer.add_slice(
                     series_key="S1",
                     slice_index=0,
@@ -389,7 +387,7 @@ class IndexWriterTest(absltest.TestCase):
                     mask=np.zeros((2, 2)),
                 )
         with self.assertRaisesRegex(ValueError, "modality"):
-            with index_lib.IndexWriter(self.out_dir) as writer:
+            with index_writer.IndexWriter(self.out_dir) as writer:
                 writer.add_patient("P")
                 writer.add_series(
                     series_key="S1",
@@ -412,7 +410,7 @@ class IndexWriterTest(absltest.TestCase):
         self.assertEqual(self.leftovers(), [])
 
     def test_slice_file_written_by_a_worker(self):
-        with index_lib.IndexWriter(self.out_dir) as writer:
+        with index_writer.IndexWriter(self.out_dir) as writer:
             writer.add_patient("P")
             writer.add_series(
                 series_key="S1",
@@ -433,7 +431,7 @@ class IndexWriterTest(absltest.TestCase):
             )
             image = np.arange(6, dtype=np.float32).reshape(2, 3)
             mask = np.array([[0, 1, 1], [0, 0, 1]], bool)
-            tumor_pixels = index_lib.write_slice_npz(
+            tumor_pixels = slice_store.write_slice(
                 writer.staging_dir / index_lib.slice_relpath("S1", 0), image, mask
             )
             writer.add_slice_file(
@@ -448,66 +446,6 @@ class IndexWriterTest(absltest.TestCase):
         loaded_image, loaded_mask = record.load()
         np.testing.assert_array_equal(loaded_image, image)
         np.testing.assert_array_equal(loaded_mask, mask.astype(np.uint8))
-
-
-class SliceFileTest(absltest.TestCase):
-    def test_values_survive_whatever_dtype_stores_them(self):
-        hu = np.array([[-1024.0, 0.0], [3071.0, 40.0]], np.float32)  # integral: stored as int16
-        suv = np.array([[0.25, 1.5], [7.125, 0.0]], np.float32)  # fractional: stored as float32
-        huge = np.array([[1e6, 0.0], [1.0, 2.0]], np.float32)  # beyond int16: float32
-        mask = np.array([[True, False], [False, True]])
-        with tempfile.TemporaryDirectory() as folder:
-            for name, image, stored_dtype in (
-                ("hu", hu, np.int16),
-                ("suv", suv, np.float32),
-                ("huge", huge, np.float32),
-            ):
-                path = os.path.join(folder, f"{name}.npz")
-                self.assertEqual(index_lib.write_slice_npz(path, image, mask), 2)
-                with np.load(path) as arrays:
-                    self.assertEqual(arrays["image"].dtype, stored_dtype)
-                record = index_lib.SliceRecord(
-                    patient_key="p",
-                    modality="CT",
-                    sequence=None,
-                    split="train",
-                    has_tumor=True,
-                    series_key="s",
-                    slice_index=0,
-                    position_mm=0.0,
-                    tumor_pixels=2,
-                    path=path,
-                )
-                loaded_image, loaded_mask = record.load()
-                self.assertEqual(loaded_image.dtype, np.float32)
-                np.testing.assert_array_equal(loaded_image, image)
-                np.testing.assert_array_equal(loaded_mask, mask.astype(np.uint8))
-
-    def test_archive_is_a_valid_deflated_zip_with_fixed_bytes(self):
-        rng = np.random.default_rng(0)
-        image = rng.normal(0.0, 50.0, (64, 48)).round().astype(np.float32)
-        mask = rng.random((64, 48)) > 0.7
-        with tempfile.TemporaryDirectory() as folder:
-            first, second = os.path.join(folder, "a.npz"), os.path.join(folder, "b.npz")
-            index_lib.write_slice_npz(first, image, mask)
-            index_lib.write_slice_npz(second, image, mask)
-            with open(first, "rb") as a, open(second, "rb") as b:
-                self.assertEqual(a.read(), b.read())
-            with zipfile.ZipFile(first) as archive:
-                self.assertIsNone(archive.testzip())  # every member's CRC checks out
-                infos = archive.infolist()
-                self.assertEqual([info.filename for info in infos], ["image.npy", "mask.npy"])
-                for info in infos:
-                    self.assertEqual(info.compress_type, zipfile.ZIP_DEFLATED)
-                    self.assertEqual(info.date_time, (1980, 1, 1, 0, 0, 0))
-                    self.assertLess(info.compress_size, info.file_size)
-                # The members are the .npy bytes numpy itself writes for these arrays.
-                expected = io.BytesIO()
-                np.lib.format.write_array(expected, mask, allow_pickle=False)
-                self.assertEqual(archive.read("mask.npy"), expected.getvalue())
-            with np.load(first) as arrays:
-                np.testing.assert_array_equal(arrays["image"], image.astype(np.int16))
-                np.testing.assert_array_equal(arrays["mask"], mask)
 
 
 class ReadClinicalTest(absltest.TestCase):

@@ -12,8 +12,7 @@ import tempfile
 import numpy as np
 from absl.testing import absltest
 
-from data_pipeline import index as index_lib
-from data_pipeline import query
+from data_pipeline import index_writer, query
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # patient_key -> (age, site) and -> number of CT slices; each patient also has one MR T1 slice.
@@ -65,7 +64,7 @@ class QueryCliTest(absltest.TestCase):
         super().setUpClass()
         cls.temp_dir = tempfile.TemporaryDirectory()
         cls.out_dir = cls.temp_dir.name
-        with index_lib.IndexWriter(cls.out_dir, seed=SEED) as writer:
+        with index_writer.IndexWriter(cls.out_dir, seed=SEED) as writer:
             for key, (age, site) in PATIENTS.items():
                 writer.add_patient(key, age=age, sex="F", site=site)
                 for modality, sequence, num_slices in (
