@@ -41,6 +41,8 @@ PHANTOM_CLINICAL_FILENAME = "clinical.csv"
 INGEST_MODULES = (
     "ingest",
     "dicom_io",
+    "dicom_header",
+    "dicom_rules",
     "dicom_scan",
     "rtstruct",
     "index",

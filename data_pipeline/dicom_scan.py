@@ -6,9 +6,13 @@ against, and it builds a Dataset for every contour of a structure set. This scan
 element tags and lengths with struct and keeps the raw bytes of the elements asked for; pydicom
 still converts every value ingest reads (as RawDataElements). Anything it does not expect (no
 preamble, big endian, deflate, a malformed or truncated header) is left to pydicom.dcmread, which
-also words the error for a bad file. ``SARCOMA_JAX_FAST_PATHS=0`` (data_pipeline.fast_paths)
-turns it off; tests/dicom_io_test.py checks both paths give equal headers and structure sets on the
-phantom, the real data and pydicom's own test files.
+also words the error for a bad file. What it reads itself is checked as pydicom checks it: a VR
+must be one of the standard's, a length must lie inside the file, items and delimiters must be
+where sequences allow them; anything else sends the file to pydicom. The values are converted by
+pydicom and checked by data_pipeline.dicom_rules on both paths alike.
+``SARCOMA_JAX_FAST_PATHS=0`` (data_pipeline.fast_paths) turns it off; tests/dicom_io_test.py
+checks both paths give equal headers and structure sets on the phantom, the real data and
+pydicom's own test files.
 """
 
 from __future__ import annotations
@@ -22,12 +26,18 @@ import pydicom
 import pydicom.charset
 import pydicom.sequence
 import pydicom.uid
+import pydicom.valuerep
 
 _STRUCT_H, _STRUCT_I, _STRUCT_HH = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<HH")
 _CHARSET_TAG = 0x00080005  # (0008,0005) Specific Character Set
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+# The VRs with a 2-byte length (PS3.5 7.1.2): every VR of the standard but the long ones.
+_SHORT_VRS = (
+    frozenset(vr.value.encode("ascii") for vr in pydicom.valuerep.VR if len(vr.value) == 2)
+    - _LONG_VRS
 )
 _SCAN_SYNTAXES = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # uid -> explicit VR
 _ENCAPSULATED_PREFIX = "1.2.840.10008.1.2.4."  # JPEG family: explicit VR LE dataset
@@ -61,7 +71,7 @@ def _element_at(buffer: bytes, pos: int, explicit: bool) -> tuple[int, bytes | N
         if pos + 12 > len(buffer):
             raise _NeedMore
         return tag, vr, _STRUCT_I.unpack_from(buffer, pos + 8)[0], pos + 12
-    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+    if vr not in _SHORT_VRS:  # not a VR of the standard: pydicom decides what the file is
         raise _Unexpected
     return tag, vr, _STRUCT_H.unpack_from(buffer, pos + 6)[0], pos + 8
 

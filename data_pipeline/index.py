@@ -11,6 +11,7 @@ old index or none (Index(O) then raises IndexNotFoundError), never a half-writte
 """
 
 import dataclasses
+import functools
 import json
 import pathlib
 import re
@@ -116,9 +117,36 @@ def _modality_condition(modalities) -> tuple[str, list]:
     return "(" + " OR ".join(clauses) + ")", params
 
 
-def _in_condition(column: str, count: int) -> str:
-    """`column IN (?, ..., ?)`; column is one of Index.query's fixed names, never user input."""
-    return f"{column} IN ({', '.join('?' * count)})"
+def _in_condition(column: str) -> str:
+    """`column IN` the values of one JSON array parameter; column is one of Index.query's fixed
+    names, never user input. One parameter however many values: SQLite allows at most 32766
+    parameters, and a patient list can be longer."""
+    return f"{column} IN (SELECT value FROM json_each(?))"
+
+
+@functools.cache
+def _schema_columns() -> dict[str, list[str]]:
+    """Each table's columns, as SCHEMA creates them."""
+    connection = sqlite3.connect(":memory:")
+    try:
+        connection.executescript(SCHEMA)
+        return _columns(connection)
+    finally:
+        connection.close()
+
+
+def _columns(connection: sqlite3.Connection) -> dict[str, list[str]]:
+    tables = [
+        row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    ]
+    return {
+        table: [row[1] for row in connection.execute(f"PRAGMA table_info({_quoted(table)})")]
+        for table in tables
+    }
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 class Index:
@@ -133,22 +161,38 @@ class Index:
                 "`python -m data_pipeline.ingest --dicom_dir D --out_dir O` first)"
             )
         try:
-            tables = {
-                row[0] for row in self._fetch("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
-        except sqlite3.DatabaseError as error:
+            connection = self._connect()
+            try:
+                found = _columns(connection)
+            finally:
+                connection.close()
+        except sqlite3.Error as error:
             raise BadIndexError(f"{self.sqlite_path} is not a readable index: {error}") from None
-        if not {"meta", "patients", "series", "slices"} <= tables:
-            raise BadIndexError(f"{self.sqlite_path} is not an index (its tables are missing)")
+        for table, columns in _schema_columns().items():
+            if table not in found:
+                raise BadIndexError(f"{self.sqlite_path} is not an index (no table {table})")
+            missing = [c for c in columns if c not in found[table]]
+            if missing:
+                raise BadIndexError(
+                    f"{self.sqlite_path} is not an index of this version (table {table} lacks "
+                    f"{', '.join(missing)})"
+                )
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.sqlite_path.as_uri() + "?mode=ro", uri=True)
 
     def _fetch(self, sql: str, params: Sequence = ()) -> list[sqlite3.Row]:
-        uri = self.sqlite_path.as_uri() + "?mode=ro"
-        connection = sqlite3.connect(uri, uri=True)
+        """The rows of a query; BadIndexError when SQLite cannot read the file (a corrupt or
+        replaced index.sqlite)."""
         try:
-            connection.row_factory = sqlite3.Row
-            return connection.execute(sql, tuple(params)).fetchall()
-        finally:
-            connection.close()
+            connection = self._connect()
+            try:
+                connection.row_factory = sqlite3.Row
+                return connection.execute(sql, tuple(params)).fetchall()
+            finally:
+                connection.close()
+        except sqlite3.Error as error:
+            raise BadIndexError(f"{self.sqlite_path} is not a readable index: {error}") from None
 
     def query(
         self,
@@ -186,8 +230,8 @@ class Index:
             params += modality_params
         if sequence is not None:
             sequences = [str(name).upper() for name in _as_list(sequence, "sequence")]
-            conditions.append(_in_condition("upper(r.sequence)", len(sequences)))
-            params += sequences
+            conditions.append(_in_condition("upper(r.sequence)"))
+            params.append(json.dumps(sequences))
         if split is not None:
             split_names = _as_list(split, "split")
             unknown = [name for name in split_names if name not in SPLITS]
@@ -195,31 +239,31 @@ class Index:
                 raise ValueError(
                     f"unknown split {unknown[0]!r}; expected one of {', '.join(SPLITS)}"
                 )
-            conditions.append(_in_condition("s.split", len(split_names)))
-            params += split_names
+            conditions.append(_in_condition("s.split"))
+            params.append(json.dumps(split_names))
         if has_tumor is not None:
             conditions.append("s.has_tumor = ?")
             params.append(int(bool(has_tumor)))
         if site is not None:
             sites = [str(name).lower() for name in _as_list(site, "site")]
-            conditions.append(_in_condition("lower(p.site)", len(sites)))
-            params += sites
+            conditions.append(_in_condition("lower(p.site)"))
+            params.append(json.dumps(sites))
         if age is not None:
             try:
-                age_lo, age_hi = age
+                age_lo, age_hi = (None if bound is None else float(bound) for bound in age)
             except (TypeError, ValueError):
-                raise ValueError(f"age must be a (lo, hi) pair, got {age!r}") from None
+                raise ValueError(f"age must be a (lo, hi) pair of numbers, got {age!r}") from None
             conditions.append("p.age IS NOT NULL")
             if age_lo is not None:
                 conditions.append("p.age >= ?")
-                params.append(float(age_lo))
+                params.append(age_lo)
             if age_hi is not None:
                 conditions.append("p.age <= ?")
-                params.append(float(age_hi))
+                params.append(age_hi)
         if patients is not None:
-            patient_keys = _as_list(patients, "patients")
-            conditions.append(_in_condition("p.patient_key", len(patient_keys)))
-            params += patient_keys
+            patient_keys = [str(key) for key in _as_list(patients, "patients")]
+            conditions.append(_in_condition("p.patient_key"))
+            params.append(json.dumps(patient_keys))
         where = " AND ".join(conditions) if conditions else "1"
         rows = self._fetch(
             "SELECT p.patient_key, r.modality, r.sequence, s.split, s.has_tumor, s.series_key, "
@@ -286,9 +330,14 @@ class Index:
     def meta(self) -> dict:
         """schema_version, split_scheme, seed (int) and created_by (provenance dict)."""
         meta = {row["key"]: row["value"] for row in self._fetch("SELECT key, value FROM meta")}
-        meta["seed"] = int(meta["seed"])
-        meta["schema_version"] = int(meta["schema_version"])
-        meta["created_by"] = json.loads(meta["created_by"])
+        try:
+            meta["seed"] = int(meta["seed"])
+            meta["schema_version"] = int(meta["schema_version"])
+            meta["created_by"] = json.loads(meta["created_by"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise BadIndexError(
+                f"{self.sqlite_path}: its meta table is malformed ({type(error).__name__}: {error})"
+            ) from None
         return meta
 
     def summary(self) -> dict:
