@@ -52,6 +52,7 @@ INGEST_MODULES = (
     "splits",
     "clinical",
     "vocabulary",
+    "workers",
 )
 
 
