@@ -352,7 +352,7 @@ def _checked_header(path: str, ds, modality: str, fast: bool, size: int) -> Head
     bits_stored = _optional_integer(ds, "BitsStored", bits, 1, bits)
     signed = _optional_integer(ds, "PixelRepresentation", 0, 0, 1) == 1
     syntax = _transfer_syntax(ds)
-    if syntax is not None:
+    if syntax is not None and not _native_syntax(syntax):
         dicom_rules.decodable(syntax)
     _check_pixel_data(ds, size, syntax, rows, columns, bits)
     slope, intercept = dicom_rules.rescale(
@@ -389,10 +389,27 @@ def _optional_integer(ds, keyword: str, default: int, low: int, high: int) -> in
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _native_syntax(syntax: str) -> bool:
+    """A known transfer syntax of uncompressed pixels (pydicom works its properties out again on
+    every access; a header reads them several times)."""
+    uid = pydicom.uid.UID(syntax)
+    return uid.is_transfer_syntax and not uid.is_compressed
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_syntax(syntax: str) -> bool:
+    """Pixels numpy reads as they lie: native, little endian, not deflated."""
+    uid = pydicom.uid.UID(syntax)
+    return _native_syntax(syntax) and uid.is_little_endian and uid != _DEFLATED
+
+
 def _transfer_syntax(ds) -> pydicom.uid.UID | None:
     """The file's TransferSyntaxUID; None when the file has no file meta (pydicom guessed)."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    return None if syntax is None else pydicom.uid.UID(str(syntax))
+    if syntax is None or isinstance(syntax, pydicom.uid.UID):
+        return syntax
+    return pydicom.uid.UID(str(syntax))
 
 
 _DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
@@ -405,11 +422,12 @@ def _check_pixel_data(ds, size: int, syntax, rows: int, columns: int, bits: int)
     length, offset = getattr(raw, "length", None), getattr(raw, "value_tell", None)
     if length is None:
         return
+    native = syntax is None or _native_syntax(syntax)
     if length == 0xFFFFFFFF:  # encapsulated (compressed): its frames are checked by decoding
-        if syntax is not None and not syntax.is_compressed:
+        if native:
             raise dicom_rules.Malformed("native pixel data of undefined length")
         return
-    if syntax is not None and syntax.is_compressed:
+    if not native:
         raise dicom_rules.Malformed(
             f"{syntax.name} pixel data of defined length (not encapsulated)"
         )
@@ -508,13 +526,6 @@ def _plain_pixel_location(
     raw = ds.get_item(0x7FE00010, keep_deferred=True)  # (7FE0,0010) Pixel Data
     if not isinstance(raw, pydicom.dataelem.RawDataElement) or raw.value is not None:
         return None, None
-    plain = (
-        syntax is not None
-        and not syntax.is_compressed
-        and syntax.is_little_endian
-        and syntax != _DEFLATED
-        and bits in (8, 16, 32)
-    )
-    if not plain:
+    if syntax is None or not _plain_syntax(syntax) or bits not in (8, 16, 32):
         return None, None
     return int(raw.value_tell), f"<{'i' if signed else 'u'}{bits // 8}"
