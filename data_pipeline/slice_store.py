@@ -31,7 +31,8 @@ def _smallest_exact(image: np.ndarray) -> np.ndarray:
     Half the bytes to deflate: compressing is the costliest part of writing a slice, and the
     values, hence the physical units, are unchanged (read_slice returns float32).
     """
-    as_int16 = image.astype(np.int16)
+    with np.errstate(invalid="ignore"):  # values beyond int16 (or fractional) stay float32
+        as_int16 = image.astype(np.int16)
     return as_int16 if np.array_equal(as_int16, image) else image
 
 

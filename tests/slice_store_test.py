@@ -3,6 +3,7 @@
 import io
 import os
 import tempfile
+import warnings
 import zipfile
 from unittest import mock
 
@@ -60,6 +61,14 @@ class SliceFileTest(parameterized.TestCase):
             with np.load(first) as arrays:
                 np.testing.assert_array_equal(arrays["image"], image.astype(np.int16))
                 np.testing.assert_array_equal(arrays["mask"], mask)
+
+    def test_values_beyond_int16_write_without_a_warning(self):
+        image = np.array([[1e30, -3e38], [0.5, 2.0]], np.float32)
+        with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+            warnings.simplefilter("error")
+            path = os.path.join(folder, "huge.npz")
+            slice_store.write_slice(path, image, np.zeros((2, 2), bool))
+            np.testing.assert_array_equal(slice_store.read_slice(path)[0], image)
 
     def test_both_writers_store_the_same_members(self):
         rng = np.random.default_rng(1)
