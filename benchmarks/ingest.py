@@ -19,14 +19,18 @@ files then costs what that file system charges (on the 2-core dev VM, ext4 with 
 
 import argparse
 import os
+import pathlib
 import sys
 import tempfile
 import time
 
 import pydicom
 
-from data_pipeline import ingest as ingest_lib
-from data_pipeline import phantom
+# This checkout's data_pipeline, not another one installed in editable mode.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from data_pipeline import ingest as ingest_lib  # noqa: E402
+from data_pipeline import phantom  # noqa: E402
 
 
 def _image_files(dicom_dir: str) -> list[str]:
