@@ -38,7 +38,16 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["sarcoma_jax*", "data_pipeline*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "pandas", "ruff"],
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "hypothesis",  # tests/fuzz_test.py
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "pandas",
+            "ruff",
+        ],
         "bench": ["torch==2.13.0"],
         "notebooks": ["pandas", "ipython"],  # colab/*.ipynb (Colab has both already)
     },

@@ -19,14 +19,18 @@ files then costs what that file system charges (on the 2-core dev VM, ext4 with 
 
 import argparse
 import os
+import pathlib
 import sys
 import tempfile
 import time
 
 import pydicom
 
-from data_pipeline import ingest as ingest_lib
-from data_pipeline import phantom
+# This checkout's data_pipeline, not another one installed in editable mode.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from data_pipeline import ingest as ingest_lib  # noqa: E402
+from data_pipeline import phantom  # noqa: E402
 
 
 def _image_files(dicom_dir: str) -> list[str]:
@@ -91,8 +95,10 @@ def main() -> None:
             seconds, _ = _ingest(dicom_dir, 2, args.scratch)
             two_s = min(two_s, seconds)
     floor_rate, one_rate, two_rate = len(files) / floor_s, slices / one_s, slices / two_s
-    print(f"image files {len(files)}, slices ingested {slices}, cpus {os.cpu_count()}, "
-          f"scratch {args.scratch or tempfile.gettempdir()}")
+    print(
+        f"image files {len(files)}, slices ingested {slices}, cpus {os.cpu_count()}, "
+        f"scratch {args.scratch or tempfile.gettempdir()}"
+    )
     print(f"floor (dcmread + pixel_array)  {floor_rate:8.1f} slices/s")
     print(f"ingest --workers 1             {one_rate:8.1f} slices/s")
     print(f"ingest --workers 2             {two_rate:8.1f} slices/s")

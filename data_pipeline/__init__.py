@@ -4,7 +4,8 @@ import importlib
 
 from data_pipeline.clinical import ClinicalFileError, read_clinical
 from data_pipeline.dicom_io import InputProblem, Series, load_series
-from data_pipeline.index import BadIndexError, Index, IndexNotFoundError, IndexWriter, SliceRecord
+from data_pipeline.index import BadIndexError, Index, IndexNotFoundError, SliceRecord
+from data_pipeline.index_writer import IndexWriter
 from data_pipeline.rtstruct import load_rtstruct_masks
 
 # Names from modules that import grain (about a second): loaded on first use, so that ingest's

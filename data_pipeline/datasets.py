@@ -38,7 +38,22 @@ SOURCES = ("phantom", "dicom", "index")
 CACHE_ENV_VAR = "SARCOMA_JAX_CACHE"
 PHANTOM_CLINICAL_FILENAME = "clinical.csv"
 # Modules whose code decides what an ingest produces.
-INGEST_MODULES = ("ingest", "dicom_io", "rtstruct", "index", "splits", "clinical", "vocabulary")
+INGEST_MODULES = (
+    "ingest",
+    "dicom_io",
+    "dicom_header",
+    "dicom_rules",
+    "dicom_scan",
+    "rtstruct",
+    "index",
+    "index_writer",
+    "slice_store",
+    "fast_paths",
+    "splits",
+    "clinical",
+    "vocabulary",
+    "workers",
+)
 
 
 class DatasetError(ValueError):
@@ -111,10 +126,18 @@ def _build_once(final_dir: pathlib.Path, build: Callable[[pathlib.Path], None]) 
 
 
 def _code_digest(module_names: tuple[str, ...]) -> str:
-    """8 hex digits of sha256 over data_pipeline modules' source (keys caches by code)."""
+    """8 hex digits of sha256 over data_pipeline modules' source (keys caches by code).
+
+    A name is a module (``name.py``) or a package (every ``.py`` file below ``name/``).
+    """
     digest = hashlib.sha256()
+    root = pathlib.Path(__file__).parent
     for name in module_names:
-        digest.update((pathlib.Path(__file__).parent / f"{name}.py").read_bytes())
+        package = root / name
+        files = sorted(package.rglob("*.py")) if package.is_dir() else [root / f"{name}.py"]
+        for path in files:
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:8]
 
 

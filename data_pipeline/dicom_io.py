@@ -1,72 +1,44 @@
-"""Reading DICOM image series: headers, classification, slice order and physical units."""
+"""Reading DICOM image series: slice order, consistency and pixels in physical units."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import datetime
-import functools
-import math
 import os
-import re
-import struct
-import types
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pydicom
-import pydicom.charset
-import pydicom.errors
-import pydicom.sequence
-import pydicom.uid
 
+from data_pipeline.dicom_header import Header, read_header
+from data_pipeline.dicom_rules import InputProblem, SliceProblem
 from data_pipeline.vocabulary import IMAGE_MODALITIES
 
-# Cosines closer than this are treated as the same orientation (about 0.06 degrees).
-_ORIENTATION_TOLERANCE = 1e-3
-_STRUCT_H, _STRUCT_I, _STRUCT_HH = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<HH")
+__all__ = [
+    "Header",
+    "InputProblem",
+    "Series",
+    "SliceProblem",
+    "load_series",
+    "load_series_from_headers",
+    "read_header",
+    "slice_normal",
+    "split_consistent",
+]
 
-
-class InputProblem(Exception):
-    """A problem with the input data; ``str(e)`` is one line naming the file and the reason."""
-
-    def __init__(self, path: str | os.PathLike | None, reason: str):
-        self.path = None if path is None else str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}" if self.path else reason)
-
-    def __reduce__(self):  # pickled between ingest's worker processes
-        return type(self), (self.path, self.reason)
-
-
-@dataclasses.dataclass(frozen=True)
-class Header:
-    """What ingest needs to know about one DICOM file, read without its pixels."""
-
-    path: str
-    modality: str
-    sop_instance_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-    frame_of_reference_uid: str
-    patient_id: str
-    description: str
-    has_pixels: bool
-    position: tuple[float, float, float] | None
-    orientation: tuple[float, ...] | None
-    rows: int | None
-    columns: int | None
-    pixel_spacing: tuple[float, float] | None
-    sequence: str | None
-    # Stored value -> physical units: value * rescale_slope + rescale_intercept, times
-    # units_factor (the SUV factor for PET in Bq/ml, else 1).
-    rescale_slope: float = 1.0
-    rescale_intercept: float = 0.0
-    units: str = ""
-    units_factor: float = 1.0
-    # Where plain little-endian integer pixels lie in the file, so they are read without parsing
-    # the file again; None when pydicom must decode them (compressed, packed, several frames).
-    pixel_offset: int | None = None
-    pixel_dtype: str | None = None
+# Slices of one series must agree on these (orientation to 3 decimals, about 0.06 degrees).
+_SERIES_FIELDS = (
+    "modality",
+    "patient_id",
+    "study_instance_uid",
+    "frame_of_reference_uid",
+    "sequence",
+    "units",
+    "size",
+    "orientation",
+    "pixel_spacing",
+)
 
 
 @dataclasses.dataclass
@@ -127,633 +99,35 @@ def slice_normal(orientation: Sequence[float]) -> np.ndarray:
 
 
 # Value representations whose bytes are plain ASCII, whatever the character set.
-_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
-# Text whose bytes, when all ASCII, read the same in every DICOM character set (ISO 2022 escapes
-# are not ASCII-only text, UTF-8 and the GB encodings extend ASCII).
-_RAW_TEXT_VRS = _ASCII_VRS | {"LO", "SH"}
-
-
-def _raw_ascii(ds: pydicom.Dataset, keyword: str) -> str | None:
-    """An ASCII-valued element read from its undecoded bytes; None where that does not apply.
-
-    pydicom validates and converts every value it is asked for (a DS triplet becomes three DSfloat
-    objects), which costs more per file than parsing the header; UIDs, codes and decimal strings
-    need none of that.
-    """
-    tag, vr = _keyword_tag_vr(keyword)
-    if tag is None or tag not in ds or vr not in _RAW_TEXT_VRS:
-        return None
-    element = ds.get_item(tag)
-    if not isinstance(element, pydicom.dataelem.RawDataElement) or element.value is None:
-        return None
-    if vr not in _ASCII_VRS and not element.value.isascii():
-        return None  # text in the file's character set: pydicom decodes it
-    return element.value.decode("ascii", "replace").strip(" \x00")
-
-
-@functools.cache
-def _keyword_vr(tag: int) -> str | None:
-    try:
-        return pydicom.datadict.dictionary_VR(tag)
-    except KeyError:
-        return None
-
-
-@functools.cache
-def _keyword_tag_vr(keyword: str) -> tuple[int | None, str | None]:
-    tag = pydicom.datadict.tag_for_keyword(keyword)
-    return tag, None if tag is None else pydicom.datadict.dictionary_VR(tag)
-
-
-def _text(ds: pydicom.Dataset, keyword: str) -> str:
-    raw = _raw_ascii(ds, keyword)
-    if raw is not None:
-        return raw
-    value = ds.get(keyword, "")
-    if isinstance(value, pydicom.multival.MultiValue):
-        return "\\".join(str(v) for v in value)
-    return str(value) if value is not None else ""
-
-
-def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
-    value = _raw_ascii(ds, keyword)
-    if value is None:
-        value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def classify_mr_sequence(ds: pydicom.Dataset) -> str | None:
-    """T1, T2 (T2FS included) or STIR for an MR dataset, None when nothing says which.
-
-    The series description is read first (TCIA's are inconsistent but name the weighting), then the
-    timing parameters: an inversion time of 80-250 ms is STIR (fat nulled at 1.5-3 T), short TE and
-    TR is T1 weighted, long TE and TR is T2 weighted.
-    """
-    description = " ".join(
-        _text(ds, k) for k in ("SeriesDescription", "ProtocolName", "SequenceName")
-    )
-    description = description.upper()
-    if "STIR" in description or re.search(r"\bTIRM\b", description):
-        return "STIR"
-    if re.search(r"T2", description):
-        return "T2"
-    if re.search(r"T1", description):
-        return "T1"
-    inversion_ms = _float(ds, "InversionTime")
-    echo_ms = _float(ds, "EchoTime")
-    repetition_ms = _float(ds, "RepetitionTime")
-    scanning = _text(ds, "ScanningSequence").upper()
-    if inversion_ms is not None and 80 <= inversion_ms <= 250 and "IR" in scanning:
-        return "STIR"
-    if echo_ms is not None and repetition_ms is not None:
-        if echo_ms <= 30 and repetition_ms <= 1000:
-            return "T1"
-        if echo_ms >= 60 and repetition_ms >= 1500:
-            return "T2"
-    return None
-
-
-_HEADER_TAGS = (
-    "SOPInstanceUID",
-    "Modality",
-    "SeriesInstanceUID",
-    "StudyInstanceUID",
-    "FrameOfReferenceUID",
-    "PatientID",
-    "SeriesDescription",
-    "ProtocolName",
-    "SequenceName",
-    "ScanningSequence",
-    "EchoTime",
-    "RepetitionTime",
-    "InversionTime",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "PixelSpacing",
-    "Rows",
-    "Columns",
-    "PixelData",
-    "FloatPixelData",
-    "DoubleFloatPixelData",
-    # What turning the stored pixels into physical units needs, so that ingest reads each file's
-    # header once and its pixels straight from the file (see _stored_pixels).
-    "SamplesPerPixel",
-    "NumberOfFrames",
-    "BitsAllocated",
-    "BitsStored",
-    "PixelRepresentation",
-    "RescaleSlope",
-    "RescaleIntercept",
-    "Units",
-    "DecayCorrection",
-    "PatientWeight",
-    "SeriesDate",
-    "SeriesTime",
-    "RadiopharmaceuticalInformationSequence",
-)
-
-
-# As tags: pydicom would look every keyword up again for every file.
-_HEADER_TAG_NUMBERS = [pydicom.tag.Tag(keyword) for keyword in _HEADER_TAGS]
-
-# A header scanner of our own for the common transfer syntaxes. pydicom's reader builds, checks and
-# converts every element of every file it walks, which made reading headers cost as much as the
-# bare dcmread + pixel_array loop ingest is measured against; this one walks the element tags and
-# lengths with struct, keeps the raw bytes of the few elements ingest reads, and hands them to
-# pydicom as RawDataElements, so that pydicom still converts every value. Anything it does not
-# expect (no preamble, big endian, deflate, a malformed or truncated header) falls back to
-# pydicom.dcmread, which also words the error for a bad file. tests/dicom_io_test.py checks both
-# paths give equal headers on the phantom, the real data and pydicom's own test files.
-_SCAN_TAGS = frozenset(int(tag) for tag in _HEADER_TAG_NUMBERS) | {0x00080005}  # + charset
-_KEYWORD_TAGS = {
-    keyword: int(tag) for keyword, tag in zip(_HEADER_TAGS, _HEADER_TAG_NUMBERS, strict=True)
-}
-_KEYWORD_TAGS["SpecificCharacterSet"] = 0x00080005
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-_SCAN_SYNTAXES = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # uid -> explicit VR
-_ENCAPSULATED_PREFIX = "1.2.840.10008.1.2.4."  # JPEG family: explicit VR LE dataset
-_UNDEFINED = 0xFFFFFFFF
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_FIRST_READ = 1 << 16
-
-
-class ScanError(Exception):
-    """The scanner cannot read this; pydicom can say why, or read it."""
-
-
-class _NeedMore(ScanError):
-    """The scan ran past the bytes read so far."""
-
-
-class _Unexpected(ScanError):
-    """Something the scanner leaves to pydicom."""
-
-
-def _element_at(buffer: bytes, pos: int, explicit: bool) -> tuple[int, bytes | None, int, int]:
-    """(tag, VR or None, value length, value offset) of the element starting at pos."""
-    if pos + 8 > len(buffer):
-        raise _NeedMore
-    group, element = _STRUCT_HH.unpack_from(buffer, pos)
-    tag = group << 16 | element
-    if group == 0xFFFE or not explicit:  # items and delimiters have no VR in any syntax
-        return tag, None, _STRUCT_I.unpack_from(buffer, pos + 4)[0], pos + 8
-    vr = buffer[pos + 4 : pos + 6]
-    if vr in _LONG_VRS:
-        if pos + 12 > len(buffer):
-            raise _NeedMore
-        return tag, vr, _STRUCT_I.unpack_from(buffer, pos + 8)[0], pos + 12
-    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-        raise _Unexpected
-    return tag, vr, _STRUCT_H.unpack_from(buffer, pos + 6)[0], pos + 8
-
-
-def _skip_undefined(buffer: bytes, pos: int, explicit: bool) -> int:
-    """Offset just past the sequence delimiter of an undefined-length value starting at pos."""
-    while True:
-        tag, _, length, pos = _element_at(buffer, pos, explicit)
-        if tag == _SEQUENCE_END:
-            return pos
-        if tag != _ITEM:
-            raise _Unexpected
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        while True:  # an item of undefined length: its elements up to the item delimiter
-            tag, vr, length, pos = _element_at(buffer, pos, explicit)
-            if tag == _ITEM_END:
-                break
-            if length == _UNDEFINED:  # a nested sequence (UN of undefined length: implicit VR)
-                pos = _skip_undefined(buffer, pos, explicit and vr != b"UN")
-            else:
-                pos += length
-
-
-def _scan_elements(buffer: bytes, pos: int, explicit: bool) -> dict:
-    """The wanted top-level elements from pos on, as RawDataElements, up to the pixel data."""
-    elements = {}
-    while pos < len(buffer):
-        tag, vr, length, value_pos = _element_at(buffer, pos, explicit)
-        if tag >> 16 == 0xFFFE:
-            raise _Unexpected
-        vr_text = vr.decode("ascii") if vr is not None else None
-        if tag in _PIXEL_TAGS:  # left unread: only its length and offset are needed
-            elements[tag] = pydicom.dataelem.RawDataElement(
-                pydicom.tag.Tag(tag), vr_text, length, None, value_pos, not explicit, True
-            )
-            if tag == 0x7FE00010:
-                return elements
-            if length == _UNDEFINED:
-                raise _Unexpected
-            pos = value_pos + length
-            continue
-        if length == _UNDEFINED:
-            end = _skip_undefined(buffer, value_pos, explicit and vr != b"UN")
-            value_end = end - 8  # the value bytes exclude the sequence delimiter
-            length = value_end - value_pos
-        else:
-            end = value_end = value_pos + length
-            if end > len(buffer):
-                raise _NeedMore
-        if tag in _SCAN_TAGS:
-            elements[tag] = pydicom.dataelem.RawDataElement(
-                pydicom.tag.Tag(tag),
-                vr_text,
-                length,
-                buffer[value_pos:value_end],
-                value_pos,
-                not explicit,
-                True,
-            )
-        pos = end
-    return elements
-
-
-def _dataset_start(buffer: bytes) -> tuple[int, str, bool]:
-    """(offset of the dataset after the file meta, transfer syntax UID, explicit VR?)."""
-    if len(buffer) < 132 or buffer[128:132] != b"DICM":
-        raise _Unexpected
-    pos, syntax = 132, None
-    while True:  # file meta: explicit VR little endian, group 0002
-        if pos + 8 > len(buffer):
-            raise _NeedMore
-        if _STRUCT_H.unpack_from(buffer, pos)[0] != 0x0002:
-            break
-        tag, _, length, value_pos = _element_at(buffer, pos, True)
-        if length == _UNDEFINED:
-            raise _Unexpected
-        if value_pos + length > len(buffer):
-            raise _NeedMore
-        if tag == 0x00020010:
-            syntax = buffer[value_pos : value_pos + length].decode("ascii", "replace")
-            syntax = syntax.strip(" \x00")
-        pos = value_pos + length
-    if syntax in _SCAN_SYNTAXES:
-        explicit = _SCAN_SYNTAXES[syntax]
-    elif syntax is not None and syntax.startswith(_ENCAPSULATED_PREFIX):
-        explicit = True
-    else:
-        raise _Unexpected
-    return pos, syntax, explicit
-
-
-def _scan(buffer: bytes) -> _ScannedHeader:
-    pos, syntax, explicit = _dataset_start(buffer)
-    return _ScannedHeader(_scan_elements(buffer, pos, explicit), syntax)
-
-
-def _value_span(buffer: bytes, vr: bytes | None, length: int, value_pos: int, explicit: bool):
-    """(value start, value end, offset after the element) of an element's value."""
-    if length != _UNDEFINED:
-        end = value_pos + length
-        if end > len(buffer):
-            raise _NeedMore
-        return value_pos, end, end
-    end = _skip_undefined(buffer, value_pos, explicit and vr != b"UN")
-    return value_pos, end - 8, end
-
-
-def _walk(buffer: bytes, start: int, end: int, explicit: bool) -> Iterator[tuple[int, ...]]:
-    """(tag, element start, value start, value end, element end) of each element of the dataset
-    (or item) in buffer[start:end], with no conversion; raises _Unexpected or _NeedMore on
-    anything malformed."""
-    pos = start
-    while pos < end:
-        tag, vr, length, value_pos = _element_at(buffer, pos, explicit)
-        if tag >> 16 == 0xFFFE:
-            raise _Unexpected
-        value_start, value_end, element_end = _value_span(buffer, vr, length, value_pos, explicit)
-        yield tag, pos, value_start, value_end, element_end
-        pos = element_end
-    if pos != end:
-        raise _Unexpected
-
-
-def scan_elements(buffer: bytes, start: int, end: int, explicit: bool) -> dict[int, tuple]:
-    """The elements of one dataset (or item) in buffer[start:end]: tag -> (value start, value end).
-
-    For data inside sequences: the caller knows each tag's VR.
-    """
-    return {tag: (first, last) for tag, _, first, last, _ in _walk(buffer, start, end, explicit)}
-
-
-def scan_items(buffer: bytes, start: int, end: int, explicit: bool) -> list[tuple[int, int]]:
-    """The (start, end) of each item of a sequence whose value is buffer[start:end]."""
-    items, pos = [], start
-    while pos < end:
-        tag, _, length, pos = _element_at(buffer, pos, explicit)
-        if tag != _ITEM:
-            raise _Unexpected
-        if length == _UNDEFINED:  # its elements up to the item delimiter
-            item_start = pos
-            while True:
-                tag, vr, length, value_pos = _element_at(buffer, pos, explicit)
-                if tag == _ITEM_END:
-                    items.append((item_start, pos))
-                    pos = value_pos
-                    break
-                pos = _value_span(buffer, vr, length, value_pos, explicit)[2]
-        else:
-            if pos + length > end:
-                raise _Unexpected
-            items.append((pos, pos + length))
-            pos += length
-    return items
-
-
-def scan_dataset(path: str) -> tuple[bytes, dict[int, tuple], bool] | None:
-    """A whole file's bytes, its top-level elements and whether its VR is explicit; None where the
-    scanner leaves the file to pydicom.
-
-    The elements map tag -> (element start, value start, value end, element end) offsets.
-    """
-    try:
-        with open(path, "rb") as file:
-            buffer = file.read()
-        pos, syntax, explicit = _dataset_start(buffer)
-        if syntax not in _SCAN_SYNTAXES:  # encapsulated pixel data: not an RTSTRUCT
-            return None
-        elements = {tag: tuple(spans) for tag, *spans in _walk(buffer, pos, len(buffer), explicit)}
-        return buffer, elements, explicit
-    except (ScanError, struct.error, OSError):
-        return None
-
-
-class _ScannedHeader:
-    """Scanned raw elements behind the few Dataset methods read_header and its helpers call.
-
-    A pydicom Dataset built from the same elements would do, but looking values up in one costs
-    more than the scan itself; values are still converted by pydicom, one element at a time.
-    """
-
-    def __init__(self, elements: dict, syntax: str):
-        self._elements = elements
-        self.file_meta = types.SimpleNamespace(TransferSyntaxUID=pydicom.uid.UID(syntax))
-
-    @functools.cached_property
-    def _encoding(self):
-        charset = self._elements.get(0x00080005)
-        if charset is None or not charset.value:
-            return None
-        value = pydicom.dataelem.convert_raw_data_element(charset).value
-        return pydicom.charset.convert_encodings(value or "ISO_IR 6")
-
-    def _tag(self, key) -> int:
-        return _KEYWORD_TAGS.get(key, key) if isinstance(key, str) else int(key)
-
-    def __contains__(self, key) -> bool:
-        return self._tag(key) in self._elements
-
-    def get_item(self, key, *, keep_deferred: bool = False):
-        return self._elements.get(self._tag(key))
-
-    def _convert(self, raw):
-        return pydicom.dataelem.convert_raw_data_element(raw, encoding=self._encoding)
-
-    def get(self, key, default=None):
-        raw = self._elements.get(self._tag(key))
-        if raw is None or raw.value is None:
-            return default
-        vr = raw.VR or _keyword_vr(raw.tag)
-        if raw.length == 2 and vr == "US":
-            return _STRUCT_H.unpack(raw.value)[0]  # most of what is read: Rows, BitsAllocated...
-        if vr == "SQ":  # the same in every slice of a series: converted once
-            return _converted_sequence(raw.value, raw.is_implicit_VR, self._encoding_key)
-        return self._convert(raw).value
-
-    @property
-    def _encoding_key(self):
-        encoding = self._encoding
-        return tuple(encoding) if isinstance(encoding, list) else encoding
-
-    def __getattr__(self, keyword: str):
-        if keyword.startswith("_") or keyword not in _KEYWORD_TAGS:
-            raise AttributeError(keyword)
-        value = self.get(keyword)
-        if value is None:
-            raise AttributeError(keyword)
-        return value
-
-
-@functools.lru_cache(maxsize=64)
-def _converted_sequence(value: bytes, implicit: bool, encoding) -> pydicom.sequence.Sequence:
-    """A sequence's raw bytes converted by pydicom (memoised: callers only read the result)."""
-    raw = pydicom.dataelem.RawDataElement(
-        pydicom.tag.Tag(0), "SQ", len(value), value, 0, implicit, True
-    )
-    encoding = list(encoding) if isinstance(encoding, tuple) else encoding
-    return pydicom.dataelem.convert_raw_data_element(raw, encoding=encoding).value
-
-
-def _scan_header(path: str) -> _ScannedHeader | None:
-    """The header elements ingest reads, scanned without pydicom's reader; None: use pydicom."""
-    try:
-        with open(path, "rb") as file:
-            buffer = file.read(_FIRST_READ)
-            try:
-                return _scan(buffer)
-            except _NeedMore:
-                if len(buffer) < _FIRST_READ:
-                    return None  # the file ends inside its header: pydicom says how
-                buffer += file.read()
-            return _scan(buffer)
-    except (_NeedMore, _Unexpected, struct.error, UnicodeDecodeError, ValueError, OSError):
-        return None
-
-
-def read_header(path: str | os.PathLike) -> Header:
-    """Reads one file's header (no pixels).
+def _physical_values(header: Header) -> np.ndarray:
+    """One slice's pixels in physical units, float64 (rows, cols).
 
     Raises:
-      InputProblem: the file is not DICOM, is truncated, or lacks the attributes ingest needs.
+      SliceProblem: the pixels cannot be read or decoded.
     """
-    path = str(path)
-    try:
-        ds = _scan_header(path)
-        if ds is None:
-            # Only the attributes read below are converted; values over 4 KiB (the pixels) are
-            # left unread, their length and offset still known.
-            ds = pydicom.dcmread(path, defer_size=4096, specific_tags=_HEADER_TAG_NUMBERS)
-    except pydicom.errors.InvalidDicomError:
-        raise InputProblem(path, "not a DICOM file (no DICM preamble)") from None
-    except (EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise InputProblem(path, f"unreadable DICOM ({type(e).__name__}: {e})") from None
-    if "SOPInstanceUID" not in ds or "Modality" not in ds:
-        raise InputProblem(path, "not a DICOM composite object (no SOPInstanceUID or Modality)")
-    modality = _text(ds, "Modality").upper()
-    has_pixels = "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
-    _check_not_truncated(path, ds)
-    position = orientation = spacing = None
-    units, units_factor = {"CT": ("HU", 1.0), "MR": ("MR", 1.0)}.get(modality, ("", 1.0))
-    if modality == "PT":
-        factor, units = suv_factor(ds)
-        units_factor = 1.0 if factor is None else factor
-    try:
-        pixel_offset, pixel_dtype = _plain_pixel_location(ds)
-    except (TypeError, ValueError) as e:
-        raise InputProblem(path, f"malformed image attributes ({e})") from None
-    if modality in IMAGE_MODALITIES and has_pixels:
-        try:
-            position, orientation, spacing = (
-                tuple(float(v) for v in _text(ds, keyword).split("\\"))
-                for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
-            )
-        except (AttributeError, TypeError, ValueError):
-            raise InputProblem(
-                path, "image without ImagePositionPatient/ImageOrientationPatient/PixelSpacing"
-            ) from None
-        if len(position) != 3 or len(orientation) != 6 or len(spacing) != 2:
-            raise InputProblem(path, "malformed image geometry attributes")
-    return Header(
-        path=path,
-        modality=modality,
-        sop_instance_uid=_text(ds, "SOPInstanceUID"),
-        series_instance_uid=_text(ds, "SeriesInstanceUID"),
-        study_instance_uid=_text(ds, "StudyInstanceUID"),
-        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
-        patient_id=_text(ds, "PatientID"),
-        description=_text(ds, "SeriesDescription"),
-        has_pixels=has_pixels,
-        position=position,
-        orientation=orientation,
-        rows=int(ds.Rows) if "Rows" in ds else None,
-        columns=int(ds.Columns) if "Columns" in ds else None,
-        pixel_spacing=spacing,
-        sequence=classify_mr_sequence(ds) if modality == "MR" else None,
-        rescale_slope=_float(ds, "RescaleSlope") or 1.0,
-        rescale_intercept=_float(ds, "RescaleIntercept") or 0.0,
-        units=units,
-        units_factor=units_factor,
-        pixel_offset=pixel_offset,
-        pixel_dtype=pixel_dtype,
-    )
-
-
-def _check_not_truncated(path: str, ds: pydicom.Dataset) -> None:
-    """Raises when the file ends before its pixel data does (an interrupted copy or download).
-
-    ``ds`` must come from a deferred read (``defer_size``), so that the pixel data element is
-    still raw: its length and file offset are known without reading the pixels.
-    """
-    if "PixelData" not in ds:
-        return
-    raw = ds.get_item(0x7FE00010, keep_deferred=True)  # (7FE0,0010) Pixel Data, still raw
-    length = getattr(raw, "length", None)
-    offset = getattr(raw, "value_tell", None)
-    if length is None or offset is None or length == 0xFFFFFFFF:  # encapsulated: undefined length
-        return
-    size = os.path.getsize(path)
-    if size < offset + length:
-        raise InputProblem(
-            path, f"truncated: the file ends at byte {size}, its pixel data at {offset + length}"
-        )
-
-
-def _parse_dicom_datetime(date: str, time: str) -> datetime.datetime | None:
-    """DICOM DA + TM (or a DT when ``date`` holds one) -> datetime, None when absent/malformed."""
-    text = (date or "") + (time or "")
-    text = text.split("+")[0].split("-")[0] if len(text) > 8 else text
-    for fmt in ("%Y%m%d%H%M%S.%f", "%Y%m%d%H%M%S", "%Y%m%d%H%M"):
-        try:
-            return datetime.datetime.strptime(text, fmt)
-        except ValueError:
-            continue
-    return None
-
-
-def suv_factor(ds: pydicom.Dataset) -> tuple[float | None, str]:
-    """Multiplier from Bq/ml to body-weight SUV (g/ml), with decay correction to the scan start.
-
-    Returns:
-      (factor, units): factor None when the values are already SUV (Units GML) or SUV cannot be
-      computed (units then says what the values are).
-    """
-    units = _text(ds, "Units").upper()
-    if units == "GML":
-        return None, "SUV_GML"
-    if units != "BQML":
-        return None, units or "UNKNOWN"
-    weight_kg = _float(ds, "PatientWeight")
-    info = ds.get("RadiopharmaceuticalInformationSequence")
-    if not weight_kg or not info:
-        return None, "BQML"
-    drug = info[0]
-    dose_bq = _float(drug, "RadionuclideTotalDose")
-    half_life_s = _float(drug, "RadionuclideHalfLife")
-    if not dose_bq or not half_life_s:
-        return None, "BQML"
-    injection = _parse_dicom_datetime(_text(drug, "RadiopharmaceuticalStartDateTime"), "")
-    if injection is None:
-        injection = _parse_dicom_datetime(
-            _text(ds, "SeriesDate"), _text(drug, "RadiopharmaceuticalStartTime")
-        )
-    # DecayCorrection START: the image values are decay corrected to the series start.
-    scan = _parse_dicom_datetime(_text(ds, "SeriesDate"), _text(ds, "SeriesTime"))
-    decay = 1.0
-    if (
-        injection is not None
-        and scan is not None
-        and _text(ds, "DecayCorrection").upper() != "ADMIN"
-    ):
-        elapsed_s = (scan - injection).total_seconds()
-        decay = math.exp(-math.log(2.0) * elapsed_s / half_life_s)
-    return weight_kg * 1000.0 / (dose_bq * decay), "SUV"
-
-
-def _plain_pixel_location(ds: pydicom.Dataset) -> tuple[int | None, str | None]:
-    """(file offset, numpy dtype) of a header's pixels when they are plain little-endian integers.
-
-    Reading such pixels straight from the file with numpy costs a fraction of parsing the file a
-    second time with pydicom, which is what makes ingest run near the speed of a bare read loop.
-    ``ds`` must be a deferred read, so that the pixel data element is still raw.
-    """
-    raw = ds.get_item(0x7FE00010, keep_deferred=True)  # (7FE0,0010) Pixel Data
-    if not isinstance(raw, pydicom.dataelem.RawDataElement) or raw.value is not None:
-        return None, None
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    bits = int(ds.get("BitsAllocated", 0) or 0)
-    plain = (
-        syntax is not None
-        and not syntax.is_compressed
-        and syntax.is_little_endian
-        and bits in (8, 16, 32)
-        and int(ds.get("BitsStored", bits) or bits) == bits
-        and int(ds.get("SamplesPerPixel", 1) or 1) == 1
-        and int(ds.get("NumberOfFrames", 1) or 1) == 1
-        and raw.length >= int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * bits // 8
-    )
-    if not plain:
-        return None, None
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    return int(raw.value_tell), f"<{'i' if signed else 'u'}{bits // 8}"
-
-
-def _physical_values(header: Header) -> np.ndarray:
-    """One slice's pixels in physical units, float64 (rows, cols)."""
-    path = header.path
+    path, modality = header.path, header.modality
     try:
         if header.pixel_dtype is not None:
             count = header.rows * header.columns
             stored = np.fromfile(path, header.pixel_dtype, count=count, offset=header.pixel_offset)
             if stored.size < count:
-                raise InputProblem(path, "truncated: pixel data shorter than Rows x Columns")
+                raise SliceProblem(
+                    path, "truncated: pixel data shorter than Rows x Columns", modality
+                )
             stored = stored.reshape(header.rows, header.columns)
         else:
-            stored = pydicom.dcmread(path).pixel_array
-    except InputProblem:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # its reasons are ours to word, once
+                stored = pydicom.dcmread(path).pixel_array
+    except SliceProblem:
         raise
-    except Exception as e:  # pydicom raises many types for broken or missing pixel data.
-        raise InputProblem(path, f"pixel data unreadable ({type(e).__name__}: {e})") from None
+    except Exception as e:  # pydicom and its decoder plugins raise many types for bad pixel data
+        raise SliceProblem(
+            path, f"pixel data unreadable ({type(e).__name__}: {e})", modality
+        ) from None
     if stored.shape != (header.rows, header.columns):
-        raise InputProblem(
-            path, f"expected a single-frame greyscale image, got shape {stored.shape}"
+        raise SliceProblem(
+            path, f"expected a single-frame greyscale image, got shape {stored.shape}", modality
         )
     values = stored * header.rescale_slope + header.rescale_intercept
     return values * header.units_factor if header.units_factor != 1.0 else values
@@ -770,7 +144,8 @@ def load_series(folder_or_files: str | os.PathLike | Iterable[str | os.PathLike]
       The Series.
 
     Raises:
-      InputProblem: no image files, several series, inconsistent geometry, unreadable pixels.
+      InputProblem: no image files, several series, a malformed or unreadable file, a slice unlike
+        the rest of its series (SliceProblem, naming that slice), two slices at one position.
     """
     if isinstance(folder_or_files, (str, os.PathLike)):
         folder = str(folder_or_files)
@@ -787,7 +162,7 @@ def load_series(folder_or_files: str | os.PathLike | Iterable[str | os.PathLike]
         try:
             header = read_header(path)
         except InputProblem as problem:
-            if problem.reason.startswith("not a DICOM"):
+            if problem.reason.startswith(("not a DICOM", "not a regular file")):
                 continue
             raise
         if header.modality in IMAGE_MODALITIES and header.has_pixels:
@@ -800,31 +175,108 @@ def load_series(folder_or_files: str | os.PathLike | Iterable[str | os.PathLike]
     return load_series_from_headers(headers)
 
 
-def load_series_from_headers(headers: Sequence[Header]) -> Series:
-    """Loads one series from its files' headers (``read_header``), reading only the pixels.
+def _series_key(header: Header) -> tuple:
+    """The values of _SERIES_FIELDS of one slice (plain Python: this runs for every slice)."""
+    return (
+        header.modality,
+        header.patient_id,
+        header.study_instance_uid,
+        header.frame_of_reference_uid,
+        header.sequence,
+        header.units,
+        (header.rows, header.columns),
+        tuple(round(v, 3) + 0.0 for v in header.orientation),  # + 0.0: -0.0 is 0.0
+        tuple(round(v, 6) for v in header.pixel_spacing),
+    )
+
+
+def split_consistent(headers: Sequence[Header]) -> tuple[list[Header], list[SliceProblem]]:
+    """The slices that agree with most of their series, and a problem naming each one that does
+    not (another size, orientation, pixel spacing, patient, study, frame, modality or units).
 
     Raises:
-      InputProblem: inconsistent geometry or sizes, two slices at one position, unreadable pixels.
+      InputProblem: no value is shared by more than half of the slices (naming the first file).
     """
+    keys = [_series_key(h) for h in headers]
+    common, count = collections.Counter(keys).most_common(1)[0]
+    if count == len(headers):
+        return list(headers), []
+    if 2 * count <= len(headers):
+        field = next(f for i, f in enumerate(_SERIES_FIELDS) if len({key[i] for key in keys}) > 1)
+        index = _SERIES_FIELDS.index(field)
+        values = sorted({str(key[index]) for key in keys})
+        raise InputProblem(
+            headers[0].path,
+            f"the slices of its series disagree on {field} ({', '.join(values)[:200]}), "
+            "none in a majority",
+            headers[0].modality,
+        )
+    kept, odd = [], []
+    for header, key in zip(headers, keys, strict=True):
+        if key == common:
+            kept.append(header)
+            continue
+        i = next(i for i, (a, b) in enumerate(zip(key, common, strict=True)) if a != b)
+        odd.append(
+            SliceProblem(
+                header.path,
+                f"its {_SERIES_FIELDS[i]} {key[i]} differs from the rest of its series "
+                f"({common[i]})",
+                header.modality,
+            )
+        )
+    return kept, odd
+
+
+def load_series_from_headers(
+    headers: Sequence[Header], skipped: list[SliceProblem] | None = None
+) -> Series:
+    """Loads one series from its files' headers (``read_header``), reading only the pixels.
+
+    Args:
+      headers: the series' files.
+      skipped: if given, a slice whose pixels cannot be read is left out of the series and its
+        problem appended here; else it is raised.
+
+    Raises:
+      SliceProblem: a slice unlike the rest of its series, or with unreadable pixels (naming it).
+      InputProblem: the slices disagree with no majority, two lie at the same position, or no
+        slice could be read.
+    """
+    _, odd = split_consistent(headers)
+    if odd:
+        raise odd[0]
     first = headers[0]
     orientation = np.array(first.orientation)
     normal = slice_normal(orientation)
-    for header in headers:
-        if np.abs(np.array(header.orientation) - orientation).max() > _ORIENTATION_TOLERANCE:
-            raise InputProblem(header.path, "slice orientation differs from the rest of its series")
-    shapes = {(h.rows, h.columns) for h in headers}
-    if len(shapes) > 1:
-        raise InputProblem(first.path, f"slices of one series differ in size: {sorted(shapes)}")
     positions = np.array([h.position for h in headers])
     coords = positions @ normal
     order = np.argsort(coords, kind="stable")
     sorted_coords = coords[order]
     if len(coords) > 1 and np.min(np.diff(sorted_coords)) < 1e-3:
         duplicate = headers[order[int(np.argmin(np.diff(sorted_coords))) + 1]].path
-        raise InputProblem(duplicate, "two slices of one series at the same position")
-    pixels = np.empty((len(headers),) + shapes.pop(), np.float32)
+        raise InputProblem(
+            duplicate, "two slices of one series at the same position", first.modality
+        )
+    pixels = np.empty((len(headers), first.rows, first.columns), np.float32)
+    readable = np.ones(len(headers), bool)
     for out_index, in_index in enumerate(order):
-        pixels[out_index] = _physical_values(headers[in_index])
+        header = headers[in_index]
+        try:
+            pixels[out_index] = _physical_values(header)
+            if not np.isfinite(pixels[out_index]).all():
+                raise SliceProblem(
+                    header.path, "pixel values are not finite in physical units", header.modality
+                )
+        except SliceProblem as problem:
+            if skipped is None:
+                raise
+            skipped.append(problem)
+            readable[out_index] = False
+    if not readable.any():
+        raise InputProblem(first.path, "no slice of its series is readable", first.modality)
+    if not readable.all():
+        pixels, order = pixels[readable], order[readable]
     return Series(
         pixels=pixels,
         positions=positions[order],

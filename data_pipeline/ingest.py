@@ -1,26 +1,27 @@
 """Ingest a DICOM folder tree into a queryable index of per-slice images and tumour masks.
 
 python -m data_pipeline.ingest --dicom_dir D --out_dir O [--clinical F]
-    [--split_scheme patient|thesis] [--seed S] [--workers N]
+    [--split_scheme patient|thesis] [--seed S] [--workers N] [--fast_paths=false]
 
 Walks D (folder names carry no meaning), classifies every series, links each RTSTRUCT to its image
-series (referenced series UID, then contour image UIDs, then frame of reference and geometry),
-rasterises the chosen ROI and writes O/index.sqlite plus one .npz per slice. Input problems are
-reported one line each and skipped; the index is built aside and moved in only when complete.
+series (decided over all of them: referenced series UID, then contour image UIDs, then frame of
+reference and geometry), rasterises the chosen ROI and writes O/index.sqlite plus one .npz per
+slice. Malformed input never aborts an ingest: each bad file gets one line naming it and the
+reason and is skipped, the summary counts the image slices lost, and every good series is indexed
+as it would be alone. The index is built aside and moved in only when complete.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
-import multiprocessing
+import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pydicom
@@ -28,35 +29,48 @@ import tqdm
 from absl import app, flags
 
 from data_pipeline import clinical as clinical_lib
+from data_pipeline import dicom_rules, index_writer, slice_store
+from data_pipeline import fast_paths as fast_paths_lib
 from data_pipeline import index as index_lib
+from data_pipeline import workers as workers_lib
 from data_pipeline.dicom_io import (
     Header,
     InputProblem,
     Series,
+    SliceProblem,
     load_series_from_headers,
     read_header,
     slice_normal,
+    split_consistent,
 )
 from data_pipeline.rtstruct import (
     DEFAULT_ROI_PATTERNS,
     Contour,
+    Link,
     SeriesGeometry,
     StructureSet,
-    link_rtstruct,
+    link_all,
     rasterise,
     read_rtstruct,
     select_rois,
 )
+from data_pipeline.vocabulary import IMAGE_MODALITIES
 
 # Headers are read in chunks of this many files per worker task, to amortise process overheads.
 _HEADER_CHUNK = 64
-# Threads per worker writing slice files (file creation waits on the file system).
-_WRITER_THREADS = 2
 
 
 @dataclasses.dataclass
 class IngestSummary:
-    """What an ingest found, wrote and skipped."""
+    """What an ingest found, wrote and skipped.
+
+    Attributes:
+      slices_lost: CT/PT/MR image slices that are not in the index: a malformed or unreadable
+        slice, or every slice of a series dropped (no RTSTRUCT, inconsistent, unreadable).
+      files_skipped: files named with a reason and left out (not DICOM, unreadable, malformed, a
+        losing or unusable RTSTRUCT...).
+      warnings: every message, one line each (problems and warnings alike).
+    """
 
     out_dir: str
     patients: int = 0
@@ -64,7 +78,8 @@ class IngestSummary:
     slices: int = 0
     tumour_slices: int = 0
     files_seen: int = 0
-    skipped: int = 0
+    slices_lost: int = 0
+    files_skipped: int = 0
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     def render(self) -> str:
@@ -79,27 +94,35 @@ class IngestSummary:
         lines += [
             f"slices         {self.slices}",
             f"with tumour    {self.tumour_slices}",
-            f"skipped        {self.skipped}",
+            f"slices lost    {self.slices_lost}",
+            f"files skipped  {self.files_skipped}",
             f"warnings       {len(self.warnings)}",
         ]
         return "\n".join(lines)
 
 
+def display_path(path: str) -> str:
+    """A path as text that prints and stores anywhere: bytes that are not UTF-8 and control
+    characters written as escapes (a name like b'junk\\xff.dcm' must not abort an ingest)."""
+    text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _read_headers(
-    paths: Sequence[str],
+    paths: Sequence[str], fast_paths: bool
 ) -> tuple[list[Header | InputProblem], dict[str, StructureSet | InputProblem]]:
     """Each file's header or problem, and every RTSTRUCT among them read in full."""
     results, structures = [], {}
     for path in paths:
         try:
-            header = read_header(path)
+            header = read_header(path, fast_paths)
         except InputProblem as problem:
             results.append(problem)
             continue
         results.append(header)
         if header.modality == "RTSTRUCT":
             try:
-                structures[path] = read_rtstruct(path)
+                structures[path] = read_rtstruct(path, fast_paths)
             except InputProblem as problem:
                 structures[path] = problem
     return results, structures
@@ -111,10 +134,11 @@ class _SeriesTask:
 
     series_key: str
     headers: tuple[Header, ...]
-    rtstruct_path: str
+    rtstruct_label: str  # the RTSTRUCT's path as its warnings name it
     roi_name: str
     contours: tuple[Contour, ...]
     staging_dir: str = ""
+    fast_paths: bool = True  # passed explicitly: a forkserver keeps the environment it started in
 
 
 @dataclasses.dataclass
@@ -125,70 +149,36 @@ class _SeriesResult:
     tumour_pixels: list[int]
     warnings: list[str]
     problem: InputProblem | None = None
-
-
-def _shared_map(executor, fn, items: Sequence) -> Iterator:
-    """executor.map(fn, items), with this process working too; results in the order of items.
-
-    The workers take items from the front while this process takes, from the back, those no worker
-    has started yet, so that no core idles while worker processes start up (most of a second) and
-    this process is not left waiting on them at the end.
-    """
-    if executor is None:
-        yield from map(fn, items)
-        return
-    futures = [executor.submit(fn, item) for item in items]
-    done_here = {}
-    next_out, back = 0, len(items) - 1
-    try:
-        while next_out < len(items):
-            if next_out in done_here:
-                yield done_here.pop(next_out)
-            elif futures[next_out].done():
-                yield futures[next_out].result()
-            elif back >= next_out and futures[back].cancel():
-                done_here[back] = fn(items[back])
-                back -= 1
-                continue
-            else:
-                back = -1  # the workers hold everything left: wait for them in order
-                yield futures[next_out].result()
-            next_out += 1
-    finally:
-        for future in futures:
-            future.cancel()
-
-
-@functools.cache
-def _writer_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """This process's slice-writing threads (cheaper than starting threads per series)."""
-    return concurrent.futures.ThreadPoolExecutor(_WRITER_THREADS, thread_name_prefix="npz-writer")
+    lost: list[SliceProblem] = dataclasses.field(default_factory=list)  # unreadable slices
 
 
 def _load_task(task: _SeriesTask) -> _SeriesResult:
     """Loads, rasterises and writes one series (runs in a worker process when workers > 1).
 
-    The slice files are written by a few threads while the next series is read: creating files is
+    A slice whose pixels cannot be read is left out (and reported); the rest make the series. The
+    slice files are written by a few threads while the next series is read: creating files is
     mostly waiting on the file system, and zlib releases the GIL while it compresses.
     """
+    lost: list[SliceProblem] = []
     try:
-        series = load_series_from_headers(task.headers)
+        series = load_series_from_headers(task.headers, skipped=lost)
     except InputProblem as problem:
-        return _SeriesResult(None, [], [], problem)
-    mask, warnings = rasterise(task.contours, series, task.roi_name, task.rtstruct_path)
+        return _SeriesResult(None, [], [], problem, lost)
+    mask, warnings = rasterise(task.contours, series, task.roi_name, task.rtstruct_label)
     tumour_pixels = list(
-        _writer_pool().map(
-            lambda k: index_lib.write_slice_npz(
+        workers_lib.writer_pool().map(
+            lambda k: slice_store.write_slice(
                 os.path.join(task.staging_dir, index_lib.slice_relpath(task.series_key, k)),
                 series.pixels[k],
                 mask[k],
+                task.fast_paths,
             ),
             range(len(mask)),
         )
     )
     # Only the geometry goes back to the parent process: the pixels are on disk now.
     series.pixels = np.empty((0,) + series.pixels.shape[1:], np.float32)
-    return _SeriesResult(series, tumour_pixels, warnings)
+    return _SeriesResult(series, tumour_pixels, warnings, None, lost)
 
 
 def _geometry_from_headers(headers: Sequence[Header]) -> SeriesGeometry:
@@ -208,24 +198,39 @@ def patient_key(patient_id: str, salt: str | None) -> str:
     """The stored patient key: the de-identified PatientID, or a salted hash of it when salted."""
     if salt is None:
         return patient_id.strip() or "UNKNOWN"
-    return "P" + hashlib.sha256(f"{salt}:{patient_id}".encode()).hexdigest()[:12]
+    text = f"{salt}:{patient_id}".encode("utf-8", "surrogatepass")
+    return "P" + hashlib.sha256(text).hexdigest()[:12]
 
 
 def _series_key(key: str, domain: str, series_uid: str) -> str:
     """A folder-safe, stable key: patient key, domain and a short hash of the series UID."""
     safe_key = re.sub(r"[^A-Za-z0-9._-]", "_", key).lstrip("._-") or "patient"
-    return f"{safe_key}_{domain}_{hashlib.sha1(series_uid.encode()).hexdigest()[:8]}"
+    digest = hashlib.sha1(series_uid.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{safe_key}_{domain}_{digest}"
 
 
-def _walk(dicom_dir: str) -> tuple[list[str], list[str]]:
-    """All files below ``dicom_dir`` (sorted) and the folders that hold nothing at all."""
-    files, empty = [], []
+def _walk(
+    dicom_dir: str, skip: tuple[int, int] | None = None
+) -> tuple[list[str], list[str], list[InputProblem]]:
+    """All regular files below ``dicom_dir`` (sorted, links followed) but the one whose (device,
+    inode) is ``skip``, the folders that hold nothing at all, and a problem for every other entry
+    (a FIFO, a socket, a device, a broken or looping link): reading one could block forever or
+    never end."""
+    files, empty, unusable = [], [], []
     for root, dirs, names in os.walk(dicom_dir):
         dirs.sort()
         if not dirs and not names:
             empty.append(root)
-        files.extend(os.path.join(root, name) for name in sorted(names))
-    return files, empty
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            try:
+                status = dicom_rules.regular_file(path)
+            except InputProblem as problem:
+                unusable.append(problem)
+                continue
+            if (status.st_dev, status.st_ino) != skip:
+                files.append(path)
+    return files, empty, unusable
 
 
 def ingest(
@@ -239,6 +244,7 @@ def ingest(
     patient_salt: str | None = None,
     progress: bool = True,
     log=None,
+    fast_paths: bool | None = None,
 ) -> IngestSummary:
     """Builds ``out_dir``'s index from the DICOM tree below ``dicom_dir``.
 
@@ -253,157 +259,104 @@ def ingest(
       patient_salt: when given, patient keys are salted hashes of PatientID.
       progress: show progress bars.
       log: callable for the one-line problem reports (default: print to stderr).
+      fast_paths: read DICOM with our scanner and write slices with ISA-L (True), or with pydicom
+        and zipfile only (False); both give the same index. None: as ``$SARCOMA_JAX_FAST_PATHS``
+        says (default on; data_pipeline.fast_paths).
 
     Returns:
       The summary.
 
     Raises:
       InputProblem: ``dicom_dir`` is missing or holds no usable image series.
+      ValueError: an unknown split scheme or value of ``$SARCOMA_JAX_FAST_PATHS``.
     """
     log = log or (lambda line: tqdm.tqdm.write(line, file=sys.stderr))
+    fast_paths = fast_paths_lib.enabled(fast_paths)
     dicom_dir = os.path.abspath(dicom_dir)
     if not os.path.isdir(dicom_dir):
-        raise InputProblem(dicom_dir, "no such folder")
+        raise InputProblem(display_path(dicom_dir), "no such folder")
     if split_scheme not in ("patient", "thesis"):
         raise ValueError(f"unknown split scheme {split_scheme!r} (patient or thesis)")
     summary = IngestSummary(out_dir=os.path.abspath(out_dir))
 
-    def report(message: str, skipped: bool = True) -> None:
+    def relative(path: str) -> str:
+        return display_path(os.path.relpath(path, dicom_dir))
+
+    def report(message: str, files: int = 0, lost: int = 0) -> None:
         summary.warnings.append(message)
-        summary.skipped += int(skipped)
+        summary.files_skipped += files
+        summary.slices_lost += lost
         log(message)
 
-    def relative(path: str) -> str:
-        return os.path.relpath(path, dicom_dir)
+    def report_file(problem: InputProblem, outcome: str = "skipped") -> None:
+        """A file left out; an image slice is also counted as lost."""
+        lost = int(problem.modality in IMAGE_MODALITIES)
+        report(f"{relative(problem.path)}: {problem.reason}; {outcome}", files=1, lost=lost)
 
     clinical_rows = clinical_lib.read_clinical(clinical) if clinical else {}
-    files, empty_folders = _walk(dicom_dir)
-    if clinical:  # a clinical table kept inside the DICOM tree is not a bad DICOM file
-        files = [f for f in files if not os.path.samefile(f, clinical)]
-    if not files:
-        raise InputProblem(dicom_dir, "empty folder: no files to ingest")
+    # A clinical table kept inside the DICOM tree is not a bad DICOM file.
+    clinical_id = (os.stat(clinical).st_dev, os.stat(clinical).st_ino) if clinical else None
+    files, empty_folders, unusable = _walk(dicom_dir, clinical_id)
+    if not files and not unusable:
+        raise InputProblem(display_path(dicom_dir), "empty folder: no files to ingest")
     for folder in empty_folders:
-        report(f"{relative(folder)}: empty folder", False)
-    summary.files_seen = len(files)
+        report(f"{relative(folder)}: empty folder")
+    for problem in unusable:
+        report_file(problem)
+    summary.files_seen = len(files) + len(unusable)
 
-    executor = None
-    if workers > 1:
-        context = multiprocessing.get_context("forkserver")
-        # Workers forked from a server that has imported what ingest needs (numpy, pydicom,
-        # scikit-image...) start in milliseconds. Not ingest itself: `python -m
-        # data_pipeline.ingest` runs it as the workers' __main__ too.
-        context.set_forkserver_preload(["data_pipeline"])
-        executor = concurrent.futures.ProcessPoolExecutor(workers - 1, mp_context=context)
+    executor = workers_lib.process_pool(workers)
     try:
-        chunks = [files[i : i + _HEADER_CHUNK] for i in range(0, len(files), _HEADER_CHUNK)]
-        mapper = functools.partial(_shared_map, executor)
-        headers: list[Header] = []
-        with tqdm.tqdm(total=len(files), desc="headers", unit="file", disable=not progress) as bar:
-            structures: dict[str, StructureSet | InputProblem] = {}
-            for chunk_results, chunk_structures in mapper(_read_headers, chunks):
-                structures.update(chunk_structures)
-                for result in chunk_results:
-                    if isinstance(result, InputProblem):
-                        report(f"{relative(result.path)}: {result.reason}; skipped")
-                    else:
-                        headers.append(result)
-                bar.update(len(chunk_results))
-
-        image_series: dict[str, list[Header]] = collections.defaultdict(list)
-        rtstruct_headers: list[Header] = []
-        for header in headers:
-            if header.modality == "RTSTRUCT":
-                rtstruct_headers.append(header)
-            elif header.modality in ("CT", "PT", "MR"):
-                if not header.has_pixels:
-                    report(
-                        f"{relative(header.path)}: {header.modality} object without pixel data; "
-                        "skipped"
-                    )
-                else:
-                    image_series[header.series_instance_uid].append(header)
-            else:
-                report(f"{relative(header.path)}: unsupported modality {header.modality}; skipped")
-
-        geometries: dict[str, SeriesGeometry] = {}
-        for uid, series_headers in sorted(image_series.items()):
-            orientations = {tuple(np.round(h.orientation, 3)) for h in series_headers}
-            if len(orientations) > 1:
-                report(
-                    f"{relative(series_headers[0].path)}: series mixes slice orientations; skipped"
-                )
-                continue
-            geometries[uid] = _geometry_from_headers(series_headers)
-
-        tasks: list[_SeriesTask] = []
-        # series uid -> (RTSTRUCT header, ROI name, how it was linked, the ROI's contours)
-        linked: dict[str, tuple[Header, str, str, tuple[Contour, ...]]] = {}
-        rtstruct_headers.sort(key=lambda h: h.path)
-        for rt_header in rtstruct_headers:
-            structure = structures[rt_header.path]
-            if isinstance(structure, InputProblem):
-                report(f"{relative(structure.path)}: {structure.reason}; skipped")
-                continue
-            roi_name = select_rois(list(structure.rois), roi_patterns)
-            if roi_name is None or not structure.rois[roi_name]:
-                report(
-                    f"{relative(rt_header.path)}: no contoured ROI matches {list(roi_patterns)} "
-                    f"(ROIs: {sorted(structure.rois)}); skipped"
-                )
-                continue
-            candidates = [
-                g
-                for uid, g in geometries.items()
-                if image_series[uid][0].patient_id == rt_header.patient_id
-            ]
-            try:
-                geometry, how, link_warnings = link_rtstruct(structure, candidates)
-            except InputProblem as problem:
-                report(f"{relative(problem.path)}: {problem.reason}; skipped")
-                continue
-            for warning in link_warnings:
-                report(warning.replace(rt_header.path, relative(rt_header.path)), False)
-            uid = geometry.series_instance_uid
-            if uid in linked:
-                report(
-                    f"{relative(rt_header.path)}: a second RTSTRUCT for a series already "
-                    "contoured by "
-                    f"{relative(linked[uid][0].path)}; skipped"
-                )
-                continue
-            linked[uid] = (rt_header, roi_name, how, structure.rois[roi_name])
-
+        mapper = functools.partial(workers_lib.shared_map, executor)
+        headers, structures = _read_all_headers(files, mapper, fast_paths, progress, report_file)
+        image_series, rtstruct_headers = _classify(headers, report, relative)
+        geometries = _consistent_series(image_series, report, report_file, relative)
+        links, roi_names = _link(
+            rtstruct_headers,
+            structures,
+            image_series,
+            geometries,
+            roi_patterns,
+            report,
+            report_file,
+            relative,
+        )
+        tasks = []
         for uid, series_headers in sorted(image_series.items()):
             if uid not in geometries:
                 continue
             first = series_headers[0]
-            if uid not in linked:
+            folder = relative(os.path.dirname(first.path))
+            count = len(series_headers)
+            if uid not in links:
                 report(
-                    f"{relative(os.path.dirname(first.path))}: image series with no RTSTRUCT; "
-                    "skipped"
+                    f"{folder}: image series with no RTSTRUCT; {count} slices skipped", lost=count
                 )
                 continue
             if first.modality == "MR" and first.sequence is None:
                 report(
-                    f"{relative(os.path.dirname(first.path))}: MR series of unknown sequence; "
-                    "skipped"
+                    f"{folder}: MR series of unknown sequence; {count} slices skipped", lost=count
                 )
                 continue
             domain = first.sequence if first.modality == "MR" else first.modality
             key = patient_key(first.patient_id, patient_salt)
+            link = links[uid]
             tasks.append(
                 _SeriesTask(
                     series_key=_series_key(key, domain, uid),
                     headers=tuple(sorted(series_headers, key=lambda h: h.path)),
-                    rtstruct_path=linked[uid][0].path,
-                    roi_name=linked[uid][1],
-                    contours=linked[uid][3],
+                    rtstruct_label=relative(link.structure.path),
+                    roi_name=roi_names[link.structure.path],
+                    contours=link.structure.rois[roi_names[link.structure.path]],
+                    fast_paths=fast_paths,
                 )
             )
         if not tasks:
-            raise InputProblem(dicom_dir, "no image series with a linked RTSTRUCT to ingest")
+            raise InputProblem(
+                display_path(dicom_dir), "no image series with a linked RTSTRUCT to ingest"
+            )
 
-        writer = index_lib.IndexWriter(
+        writer = index_writer.IndexWriter(
             out_dir,
             split_scheme=split_scheme,
             seed=seed,
@@ -424,19 +377,29 @@ def ingest(
             with bar:
                 for task, result in zip(tasks, results, strict=True):
                     bar.update(len(task.headers))
+                    for problem in result.lost:
+                        report_file(problem, "slice skipped")
                     if result.problem is not None:
+                        count = len(task.headers) - len(result.lost)
                         report(
-                            f"{relative(result.problem.path)}: {result.problem.reason}; "
-                            "series skipped"
+                            f"{relative(result.problem.path)}: {result.problem.reason}; series "
+                            f"skipped ({count} slices)",
+                            files=int(result.problem.path in {h.path for h in task.headers}),
+                            lost=count,
                         )
                         continue
                     for warning in result.warnings:
-                        report(
-                            warning.replace(task.rtstruct_path, relative(task.rtstruct_path)), False
-                        )
+                        report(warning)
                     patient_keys.add(
                         _write_series(
-                            writer, task, result, linked, clinical_rows, patient_salt, relative
+                            writer,
+                            task,
+                            result,
+                            links,
+                            roi_names,
+                            clinical_rows,
+                            patient_salt,
+                            relative,
                         )
                     )
                     summary.series[result.series.domain] += 1
@@ -452,7 +415,126 @@ def ingest(
     return summary
 
 
-def _write_series(writer, task, result, linked, clinical_rows, patient_salt, relative) -> str:
+def _read_all_headers(files, mapper, fast_paths, progress, report_file):
+    """Every file's header (problems reported) and every RTSTRUCT read in full, by path."""
+    chunks = [files[i : i + _HEADER_CHUNK] for i in range(0, len(files), _HEADER_CHUNK)]
+    headers: list[Header] = []
+    structures: dict[str, StructureSet | InputProblem] = {}
+    read_headers = functools.partial(_read_headers, fast_paths=fast_paths)
+    with tqdm.tqdm(total=len(files), desc="headers", unit="file", disable=not progress) as bar:
+        for chunk_results, chunk_structures in mapper(read_headers, chunks):
+            structures.update(chunk_structures)
+            for result in chunk_results:
+                if isinstance(result, InputProblem):
+                    report_file(result)
+                else:
+                    headers.append(result)
+            bar.update(len(chunk_results))
+    return headers, structures
+
+
+def _classify(headers, report, relative) -> tuple[dict[str, list[Header]], list[Header]]:
+    """Image headers grouped by series UID, and the RTSTRUCT headers (the rest is reported)."""
+    image_series: dict[str, list[Header]] = collections.defaultdict(list)
+    rtstruct_headers: list[Header] = []
+    for header in headers:
+        if header.modality == "RTSTRUCT":
+            rtstruct_headers.append(header)
+        elif header.modality in IMAGE_MODALITIES:
+            if not header.has_pixels:
+                report(
+                    f"{relative(header.path)}: {header.modality} object without pixel data; "
+                    "skipped",
+                    files=1,
+                    lost=1,
+                )
+            else:
+                image_series[header.series_instance_uid].append(header)
+        else:
+            report(
+                f"{relative(header.path)}: unsupported modality {header.modality!r:.40}; skipped",
+                files=1,
+            )
+    return image_series, sorted(rtstruct_headers, key=lambda h: h.path)
+
+
+def _consistent_series(image_series, report, report_file, relative) -> dict[str, SeriesGeometry]:
+    """Drops (and reports) each slice unlike the rest of its series; the geometry of each series.
+
+    A series whose slices agree in no majority is dropped whole and has no geometry.
+    """
+    geometries: dict[str, SeriesGeometry] = {}
+    for uid, series_headers in sorted(image_series.items()):
+        try:
+            kept, odd = split_consistent(series_headers)
+        except InputProblem as problem:
+            count = len(series_headers)
+            report(
+                f"{relative(problem.path)}: {problem.reason}; {count} slices skipped", lost=count
+            )
+            continue
+        for problem in odd:
+            report_file(problem, "slice skipped")
+        image_series[uid] = kept
+        geometries[uid] = _geometry_from_headers(kept)
+    return geometries
+
+
+def _link(
+    rtstruct_headers,
+    structures,
+    image_series,
+    geometries,
+    roi_patterns,
+    report,
+    report_file,
+    relative,
+) -> tuple[dict[str, Link], dict[str, str]]:
+    """Each usable RTSTRUCT's chosen ROI, and the link of each contoured series (rtstruct.link_all:
+    decided over all RTSTRUCTs at once; each file that loses is reported)."""
+    usable, roi_names = [], {}
+    for rt_header in rtstruct_headers:
+        structure = structures[rt_header.path]
+        if isinstance(structure, InputProblem):
+            report_file(structure)
+            continue
+        roi_name = select_rois(list(structure.rois), roi_patterns)
+        name = relative(rt_header.path)
+        if roi_name is None or (
+            not structure.rois[roi_name] and roi_name not in structure.problems
+        ):
+            report(
+                f"{name}: no contoured ROI matches {list(roi_patterns)} "
+                f"(ROIs: {sorted(structure.rois)}); skipped",
+                files=1,
+            )
+            continue
+        if roi_name in structure.problems:
+            reasons = structure.problems[roi_name]
+            more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+            report(f"{name}: ROI {roi_name}: {reasons[0]}{more}; skipped", files=1)
+            continue
+        for note in structure.notes.get(roi_name, ()):
+            report(f"{name}: ROI {roi_name}: {note}")
+        usable.append(structure)
+        roi_names[structure.path] = roi_name
+    patients = {h.path: h.patient_id for h in rtstruct_headers}
+
+    def candidates(structure: StructureSet) -> list[SeriesGeometry]:
+        patient = patients[structure.path]
+        return [g for uid, g in geometries.items() if image_series[uid][0].patient_id == patient]
+
+    links, problems, warnings = link_all(usable, candidates, relative)
+    for warning in warnings:
+        report(warning)
+    for problem in sorted(problems, key=lambda p: p.path):
+        report_file(problem)
+    return links, roi_names
+
+
+def _write_series(
+    writer, task, result, links, roi_names, clinical_rows, patient_salt, relative
+) -> str:
     """Adds one loaded series (patient, series, ROI, slices) to the index; returns its patient."""
     series = result.series
     key = patient_key(series.patient_id, patient_salt)
@@ -476,12 +558,12 @@ def _write_series(writer, task, result, linked, clinical_rows, patient_salt, rel
         n_slices=len(series.sop_instance_uids),
         units=series.units,
     )
-    rt_header, roi_name, how, _ = linked[series.series_instance_uid]
+    link = links[series.series_instance_uid]
     writer.add_roi(
         series_key=task.series_key,
-        roi_name=roi_name,
-        rtstruct_file_rel=relative(rt_header.path),
-        linked_by=how,
+        roi_name=roi_names[link.structure.path],
+        rtstruct_file_rel=relative(link.structure.path),
+        linked_by=link.how,
     )
     for index, (position_mm, sop_uid, tumour_pixels) in enumerate(
         zip(series.slice_coords, series.sop_instance_uids, result.tumour_pixels, strict=True)
@@ -532,10 +614,19 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "patient_salt", None, "If set, store salted hashes of PatientID as patient keys."
     )
+    flags.DEFINE_boolean(
+        "fast_paths",
+        None,
+        "Our DICOM scanner and ISA-L zip writer (true) or pydicom and zipfile only (false); the "
+        f"same index either way. Default: ${fast_paths_lib.ENV_VAR}, else true.",
+    )
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    # pydicom logs what it finds wrong in a file over several lines (a failed decode with its
+    # traceback, at level ERROR); ingest words each problem in one line instead.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     if not FLAGS.dicom_dir or not FLAGS.out_dir:
         sys.exit("error: --dicom_dir and --out_dir are required")
     try:
@@ -548,6 +639,7 @@ def main(argv: Sequence[str]) -> None:
             workers=FLAGS.workers,
             roi_patterns=FLAGS.rois,
             patient_salt=FLAGS.patient_salt,
+            fast_paths=FLAGS.fast_paths,
         )
     except (InputProblem, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -23,7 +23,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m data_pipeline.query",
         description="Counts the slices of an index per patient and split.",
-        epilog="Exit status: 0 matched, 1 nothing matched, 2 error.")
+        epilog="Exit status: 0 matched, 1 nothing matched, 2 error.",
+    )
     parser.add_argument("--index", required=True, help="index directory (holds index.sqlite)")
     parser.add_argument("--modality", help="CT, PT, MR, or an MR sequence T1, T2, STIR")
     parser.add_argument("--sequence", help="MR sequence: T1, T2 or STIR")
@@ -76,7 +77,8 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     def line(row):
         return "  ".join(
             value.rjust(width) if is_number else value.ljust(width)
-            for value, width, is_number in zip(row, widths, numeric, strict=True)).rstrip()
+            for value, width, is_number in zip(row, widths, numeric, strict=True)
+        ).rstrip()
 
     rule = "  ".join("-" * width for width in widths)
     lines = [line(cells[0]), rule, *(line(row) for row in cells[1:-1]), rule, line(cells[-1])]
@@ -92,19 +94,34 @@ def count_table(records: Sequence[index_lib.SliceRecord]) -> str:
         counts[record.split] += 1
         counts["tumor"] += record.has_tumor
         kinds[record.patient_key].add(
-            f"MR_{record.sequence}" if record.modality == "MR" and record.sequence
-            else record.modality)
+            f"MR_{record.sequence}"
+            if record.modality == "MR" and record.sequence
+            else record.modality
+        )
     header = ["patient", "series", *vocabulary.SPLITS, "total", "with_tumor"]
     rows = []
     totals = collections.Counter()
     for patient_key in sorted(per_patient):
         counts = per_patient[patient_key]
         totals.update(counts)
-        rows.append([patient_key, ",".join(sorted(kinds[patient_key])),
-                     *(counts[name] for name in vocabulary.SPLITS),
-                     sum(counts[name] for name in vocabulary.SPLITS), counts["tumor"]])
-    rows.append([f"total ({len(per_patient)} patients)", "",
-                 *(totals[name] for name in vocabulary.SPLITS), len(records), totals["tumor"]])
+        rows.append(
+            [
+                patient_key,
+                ",".join(sorted(kinds[patient_key])),
+                *(counts[name] for name in vocabulary.SPLITS),
+                sum(counts[name] for name in vocabulary.SPLITS),
+                counts["tumor"],
+            ]
+        )
+    rows.append(
+        [
+            f"total ({len(per_patient)} patients)",
+            "",
+            *(totals[name] for name in vocabulary.SPLITS),
+            len(records),
+            totals["tumor"],
+        ]
+    )
     return format_table(header, rows)
 
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import re
 import struct
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pydicom
 import pydicom.errors
 import skimage.draw
 
-from data_pipeline import dicom_io
+from data_pipeline import dicom_rules, dicom_scan
+from data_pipeline import fast_paths as fast_paths_lib
 from data_pipeline.dicom_io import InputProblem, Series, slice_normal
 
 DEFAULT_ROI_PATTERNS = ("GTV_Mass", "GTV")
@@ -46,6 +49,12 @@ class StructureSet:
     referenced_series_uids: tuple[str, ...]
     description: str
     rois: Mapping[str, tuple[Contour, ...]]  # ROI name -> its closed planar contours
+    # ROI name -> why its contours cannot be trusted (a malformed contour: the mask would be
+    # wrong); such an ROI is not used.
+    problems: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # ROI name -> contours ignored for a reason that leaves the mask right (a point, an open
+    # contour, fewer than 3 points): reported as warnings.
+    notes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def referenced_sop_uids(self) -> set[str]:
@@ -74,23 +83,66 @@ def _plane_normal(points_mm: np.ndarray) -> np.ndarray | None:
 _CONTOUR_DATA = 0x30060050  # (3006,0050) Contour Data
 
 
-def _contour_points(contour: pydicom.Dataset) -> np.ndarray:
-    """ContourData as float64 (3n,), parsed from its bytes when they are still undecoded.
+def _contour_points(contour: pydicom.Dataset, fast: bool) -> np.ndarray:
+    """ContourData as float64 (3n,), parsed from its bytes when they are still undecoded (fast).
 
     pydicom turns every decimal string into a validated DSfloat; a structure set holds hundreds of
     thousands of them, which made reading it the slowest part of an ingest.
+
+    Raises:
+      dicom_rules.Malformed: the value is not a list of numbers.
     """
     if _CONTOUR_DATA not in contour:
         return np.zeros(0)
     element = contour.get_item(_CONTOUR_DATA)
-    if isinstance(element, pydicom.dataelem.RawDataElement) and element.value is not None:
-        text = element.value.decode("ascii", "replace").strip(" \x00")
+    if fast and isinstance(element, pydicom.dataelem.RawDataElement) and element.value is not None:
+        return _parse_decimals(element.value.decode("ascii", "replace").strip(" \x00"))
+    try:
+        return np.asarray([float(v) for v in contour.ContourData], np.float64)
+    except Exception as e:  # pydicom's DS converter raises for a malformed string
+        raise dicom_rules.Malformed(f"ContourData unreadable ({type(e).__name__})") from None
+
+
+def _parse_decimals(text: str) -> np.ndarray:
+    try:
         return np.array(text.split("\\") if text else [], np.float64)
-    return np.asarray([float(v) for v in contour.ContourData], np.float64)
+    except ValueError:
+        raise dicom_rules.Malformed("ContourData is not a list of numbers") from None
+
+
+@dataclasses.dataclass
+class _RoiContours:
+    """One ROIContourSequence item as read: its contours, and what was wrong with any."""
+
+    number: int
+    contours: list[Contour] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, index: int, kind: str, read_points, declared, uids: tuple[str, ...]) -> None:
+        """Adds contour ``index`` (1-based) of type ``kind``; read_points() gives its ContourData
+        (3n,); declared is its NumberOfContourPoints (None when absent)."""
+        where = f"contour {index}"
+        if kind not in dicom_rules.AREA_CONTOURS:
+            if kind in dicom_rules.OTHER_CONTOURS:
+                self.notes.append(f"{where} is {kind}, not an area; ignored")
+            else:
+                self.problems.append(f"{where} has ContourGeometricType {kind!r:.40}")
+            return
+        try:
+            points = dicom_rules.contour_points(read_points(), declared)
+        except dicom_rules.Malformed as e:
+            self.problems.append(f"{where}: {e}")
+            return
+        if len(points) < 3:
+            self.notes.append(f"{where} has {len(points)} points: no area; ignored")
+            return
+        self.contours.append(Contour(points, uids))
 
 
 _ROI_CONTOURS, _REFERENCED_ROI_NUMBER, _CONTOUR_SEQUENCE = 0x30060039, 0x30060084, 0x30060040
 _GEOMETRIC_TYPE, _CONTOUR_IMAGES, _REFERENCED_SOP_INSTANCE = 0x30060042, 0x30060016, 0x00081155
+_NUMBER_OF_POINTS = 0x30060046
 _REFERENCED_FRAMES, _FRAME_OF_REFERENCE, _REFERENCED_STUDIES = 0x30060010, 0x00200052, 0x30060012
 _REFERENCED_SERIES, _SERIES_INSTANCE = 0x30060014, 0x0020000E
 
@@ -101,7 +153,7 @@ class _Scanned:
     them (_scan_rtstruct; empty when pydicom read them)."""
 
     rest: bytes
-    contours: list[tuple[int, list[Contour]]]  # (ReferencedROINumber, its contours) per item
+    contours: list[_RoiContours]  # per ROIContourSequence item
     frames: list[str]  # FrameOfReferenceUIDs of ReferencedFrameOfReferenceSequence
     series_uids: list[str]  # the SeriesInstanceUIDs referenced under it
 
@@ -113,8 +165,8 @@ def _text(buffer: bytes, span: tuple[int, int] | None, default: str = "") -> str
 
 
 def _scan_rtstruct(path: str) -> _Scanned | None:
-    """Reads ROIContourSequence and ReferencedFrameOfReferenceSequence with dicom_io's element
-    scanner; None where it cannot (pydicom then reads the whole file).
+    """Reads ROIContourSequence and ReferencedFrameOfReferenceSequence with the element scanner
+    (data_pipeline.dicom_scan); None where it cannot (pydicom then reads the whole file).
 
     Why our own: pydicom builds a Dataset for every contour, every ContourImageSequence item and
     every referenced image, and converts every value on access; a structure set has thousands,
@@ -124,16 +176,16 @@ def _scan_rtstruct(path: str) -> _Scanned | None:
     structure sets on the phantom, the real data and re-encoded variants (implicit VR, sequences of
     defined length, big endian and truncated files, which go to pydicom).
     """
-    scanned = dicom_io.scan_dataset(path)
+    scanned = dicom_scan.scan_dataset(path)
     if scanned is None:
         return None
     buffer, elements, explicit = scanned
 
     def items(span):
-        return dicom_io.scan_items(buffer, *span, explicit) if span else ()
+        return dicom_scan.scan_items(buffer, *span, explicit) if span else ()
 
     def item_elements(span):
-        return dicom_io.scan_elements(buffer, *span, explicit)
+        return dicom_scan.scan_elements(buffer, *span, explicit)
 
     def top(tag):
         return elements[tag][1:3] if tag in elements else None
@@ -149,25 +201,26 @@ def _scan_rtstruct(path: str) -> _Scanned | None:
                     result.series_uids.append(_text(buffer, series.get(_SERIES_INSTANCE)))
         for roi_item in items(top(_ROI_CONTOURS)):
             roi = item_elements(roi_item)
-            number = int(_text(buffer, roi.get(_REFERENCED_ROI_NUMBER)))
-            contours = []
-            for contour_item in items(roi.get(_CONTOUR_SEQUENCE)):
+            read = _RoiContours(int(_text(buffer, roi.get(_REFERENCED_ROI_NUMBER))))
+            for index, contour_item in enumerate(items(roi.get(_CONTOUR_SEQUENCE)), 1):
                 contour = item_elements(contour_item)
                 kind = _text(buffer, contour.get(_GEOMETRIC_TYPE), "CLOSED_PLANAR").upper()
-                if kind != "CLOSED_PLANAR":
-                    continue
-                text = _text(buffer, contour.get(_CONTOUR_DATA))
-                data = np.array(text.split("\\") if text else [], np.float64)
-                if data.size < 9 or data.size % 3:
-                    continue
+                declared = _text(buffer, contour.get(_NUMBER_OF_POINTS))
                 uids = tuple(
                     _text(buffer, image[_REFERENCED_SOP_INSTANCE])
                     for image in map(item_elements, items(contour.get(_CONTOUR_IMAGES)))
                     if _REFERENCED_SOP_INSTANCE in image
                 )
-                contours.append(Contour(data.reshape(-1, 3), uids))
-            result.contours.append((number, contours))
-    except (dicom_io.ScanError, struct.error, ValueError):
+                span = contour.get(_CONTOUR_DATA)
+                read.add(
+                    index,
+                    kind,
+                    lambda span=span: _parse_decimals(_text(buffer, span)),
+                    int(declared) if declared else None,
+                    uids,
+                )
+            result.contours.append(read)
+    except (dicom_scan.ScanError, struct.error, ValueError, RecursionError):
         return None
     for tag in sorted((_REFERENCED_FRAMES, _ROI_CONTOURS), reverse=True):
         if tag in elements:  # cut from the end first: the earlier offsets stay valid
@@ -176,31 +229,48 @@ def _scan_rtstruct(path: str) -> _Scanned | None:
     return result
 
 
-def read_rtstruct(path: str | os.PathLike) -> StructureSet:
+def read_rtstruct(path: str | os.PathLike, fast_paths: bool | None = None) -> StructureSet:
     """Reads an RTSTRUCT's ROIs and contours.
+
+    Args:
+      path: the file.
+      fast_paths: read the contours with data_pipeline.dicom_scan (True) or with pydicom only
+        (False); None: as ``$SARCOMA_JAX_FAST_PATHS`` says (data_pipeline.fast_paths).
 
     Raises:
       InputProblem: not a readable RTSTRUCT.
     """
     path = str(path)
-    scanned = _scan_rtstruct(path)
+    fast = fast_paths_lib.enabled(fast_paths)
+    dicom_rules.regular_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's warnings about a bad file: ours are one line
+        return _read_rtstruct(path, fast)
+
+
+def _read_rtstruct(path: str, fast: bool) -> StructureSet:
+    scanned = _scan_rtstruct(path) if fast else None
     try:
         # With the two long sequences scanned, pydicom reads the rest of the file only.
         ds = pydicom.dcmread(path if scanned is None else io.BytesIO(scanned.rest))
     except pydicom.errors.InvalidDicomError:
         raise InputProblem(path, "not a DICOM file (no DICM preamble)") from None
-    except (EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+    except Exception as e:  # pydicom's reader raises many types for a malformed file
         raise InputProblem(path, f"unreadable DICOM ({type(e).__name__}: {e})") from None
-    if str(ds.get("Modality", "")).upper() != "RTSTRUCT":
-        raise InputProblem(path, f"not an RTSTRUCT (Modality {ds.get('Modality')!r})")
     try:
-        return _structure_set(path, ds, scanned)
-    except (AttributeError, EOFError, KeyError, OSError, TypeError, ValueError) as e:
-        # A file cut short or malformed inside its sequences, which pydicom reads lazily.
+        modality = str(ds.get("Modality", "")).upper()
+        if modality != "RTSTRUCT":
+            raise InputProblem(path, f"not an RTSTRUCT (Modality {modality!r:.40})")
+        return _structure_set(path, ds, scanned, fast)
+    except InputProblem:
+        raise
+    except Exception as e:
+        # A file cut short or malformed inside its sequences, which pydicom reads lazily and
+        # converts with many exception types.
         raise InputProblem(path, f"unreadable RTSTRUCT ({type(e).__name__}: {e})") from None
 
 
-def _sequences_by_pydicom(ds: pydicom.Dataset) -> _Scanned:
+def _sequences_by_pydicom(ds: pydicom.Dataset, fast: bool) -> _Scanned:
     """What _scan_rtstruct reads, read through pydicom (where the scanner could not)."""
     read = _Scanned(b"", [], [], [])
     for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
@@ -209,35 +279,45 @@ def _sequences_by_pydicom(ds: pydicom.Dataset) -> _Scanned:
             for series in study.get("RTReferencedSeriesSequence", []):
                 read.series_uids.append(str(series.get("SeriesInstanceUID", "")))
     for roi_contour in ds.get("ROIContourSequence", []):
-        contours = []
-        for contour in roi_contour.get("ContourSequence", []):
-            if str(contour.get("ContourGeometricType", "CLOSED_PLANAR")).upper() != "CLOSED_PLANAR":
-                continue
-            data = _contour_points(contour)
-            if data.size < 9 or data.size % 3:
-                continue
-            uids = tuple(
-                str(item.ReferencedSOPInstanceUID)
-                for item in contour.get("ContourImageSequence", [])
-                if "ReferencedSOPInstanceUID" in item
+        roi = _RoiContours(int(roi_contour.ReferencedROINumber))
+        for index, contour in enumerate(roi_contour.get("ContourSequence", []), 1):
+            declared = contour.get("NumberOfContourPoints")
+            roi.add(
+                index,
+                str(contour.get("ContourGeometricType", "CLOSED_PLANAR")).strip().upper(),
+                lambda contour=contour: _contour_points(contour, fast),
+                None if declared in (None, "") else int(declared),
+                tuple(
+                    str(item.ReferencedSOPInstanceUID)
+                    for item in contour.get("ContourImageSequence", [])
+                    if "ReferencedSOPInstanceUID" in item
+                ),
             )
-            contours.append(Contour(points_mm=data.reshape(-1, 3), referenced_sop_uids=uids))
-        read.contours.append((int(roi_contour.ReferencedROINumber), contours))
+        read.contours.append(roi)
     return read
 
 
-def _structure_set(path: str, ds: pydicom.Dataset, scanned: _Scanned | None) -> StructureSet:
+def _structure_set(
+    path: str, ds: pydicom.Dataset, scanned: _Scanned | None, fast: bool
+) -> StructureSet:
     names = {
         int(roi.ROINumber): str(roi.get("ROIName", f"ROI_{roi.ROINumber}"))
         for roi in ds.get("StructureSetROISequence", [])
     }
-    sequences = scanned if scanned is not None else _sequences_by_pydicom(ds)
+    sequences = scanned if scanned is not None else _sequences_by_pydicom(ds, fast)
     frames, series_uids = list(sequences.frames), sequences.series_uids
     for roi in ds.get("StructureSetROISequence", []):
         frames.append(str(roi.get("ReferencedFrameOfReferenceUID", "")))
     rois: dict[str, list[Contour]] = {}
-    for roi_number, contours in sequences.contours:
-        rois.setdefault(names.get(roi_number, f"ROI_{roi_number}"), []).extend(contours)
+    problems: dict[str, list[str]] = {}
+    notes: dict[str, list[str]] = {}
+    for read in sequences.contours:
+        name = names.get(read.number, f"ROI_{read.number}")
+        rois.setdefault(name, []).extend(read.contours)
+        if read.problems:
+            problems.setdefault(name, []).extend(read.problems)
+        if read.notes:
+            notes.setdefault(name, []).extend(read.notes)
     return StructureSet(
         path=path,
         patient_id=str(ds.get("PatientID", "")),
@@ -245,6 +325,8 @@ def _structure_set(path: str, ds: pydicom.Dataset, scanned: _Scanned | None) -> 
         referenced_series_uids=tuple(dict.fromkeys(s for s in series_uids if s)),
         description=str(ds.get("SeriesDescription", "")),
         rois={name: tuple(cs) for name, cs in rois.items()},
+        problems={name: tuple(reasons) for name, reasons in problems.items()},
+        notes={name: tuple(reasons) for name, reasons in notes.items()},
     )
 
 
@@ -278,23 +360,38 @@ class SeriesGeometry:
         )
 
 
-def geometric_fit(structure: StructureSet, geometry: SeriesGeometry) -> float | None:
-    """Mean distance (mm) of the contour planes to their nearest slice, None when they do not fit.
-
-    They fit when every contour is parallel to the slices and within half a slice spacing of one.
-    """
+def _plane_distances(structure: StructureSet, geometry: SeriesGeometry) -> np.ndarray | None:
+    """Distance (mm) of each contour's plane to the nearest slice; None when a contour is not
+    parallel to the slices."""
     normal = geometry.normal
-    half_spacing = geometry.half_spacing
     distances = []
     for points, plane_normal in structure.contour_planes():
         if plane_normal is not None and abs(float(plane_normal @ normal)) < 1 - 1e-3:
             return None
         coord = float((points @ normal).mean())
-        distance = float(np.abs(geometry.slice_coords - coord).min())
-        if distance > half_spacing:
-            return None
-        distances.append(distance)
-    return float(np.mean(distances)) if distances else None
+        distances.append(float(np.abs(geometry.slice_coords - coord).min()))
+    return np.array(distances)
+
+
+def geometric_fit(
+    structure: StructureSet, geometry: SeriesGeometry, share: float = 1.0
+) -> float | None:
+    """Mean distance (mm) of the contour planes to their nearest slice, None when they do not fit.
+
+    They fit when every contour is parallel to the slices and (at least ``share`` of them) within
+    half a slice spacing of one; the mean is over those.
+    """
+    distances = _plane_distances(structure, geometry)
+    if distances is None or not distances.size:
+        return None
+    on_slices = distances[distances <= geometry.half_spacing]
+    if on_slices.size < share * distances.size or not on_slices.size:
+        return None
+    return float(on_slices.mean())
+
+
+# The share of contours that must lie on the slices of the series an RTSTRUCT names by UID.
+_UID_LINK_SHARE = 0.5
 
 
 def link_rtstruct(
@@ -302,7 +399,8 @@ def link_rtstruct(
 ) -> tuple[SeriesGeometry, str, list[str]]:
     """Chooses the image series an RTSTRUCT contours, as SPEC §2 orders it.
 
-    1. the SeriesInstanceUID named in RTReferencedSeriesSequence, when that series is present;
+    1. the SeriesInstanceUID named in RTReferencedSeriesSequence, when that series is present
+       and at least half of the contours lie on its slices;
     2. the series holding most of the ContourImageSequence SOPInstanceUIDs, when any match;
     3. contour planes on the series' slices (closest fit wins; a warning when several fit).
     Only series in the RTSTRUCT's frame of reference are candidates, whichever rule links.
@@ -322,7 +420,8 @@ def link_rtstruct(
             )
     by_uid = {g.series_instance_uid: g for g in candidates}
     for uid in structure.referenced_series_uids:
-        if uid in by_uid and geometric_fit(structure, by_uid[uid]) is not None:
+        # Most contours on its slices will do: a slice lost to a bad file leaves its contour off.
+        if uid in by_uid and geometric_fit(structure, by_uid[uid], _UID_LINK_SHARE) is not None:
             return by_uid[uid], "series_uid", []
     referenced = structure.referenced_sop_uids
     if referenced:
@@ -345,6 +444,78 @@ def link_rtstruct(
             f"(mean plane distance {fits[0][0]:.3f} mm vs {fits[1][0]:.3f} mm)"
         )
     return fits[0][1], "geometry", warnings
+
+
+_LINK_STRENGTH = {"series_uid": 0, "contour_images": 1, "geometry": 2}
+_LINK_WORDS = {
+    "series_uid": "the series UID it references",
+    "contour_images": "its contour image UIDs",
+    "geometry": "geometry only",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """An RTSTRUCT linked to an image series, and how."""
+
+    structure: StructureSet
+    series: SeriesGeometry
+    how: str  # 'series_uid' | 'contour_images' | 'geometry'
+    fit_mm: float  # mean contour plane distance to the slices; inf when they do not fit
+
+    def strength(self) -> tuple:
+        """Sorts strongest first: the rule that linked it, then the closer fit, then the path."""
+        return _LINK_STRENGTH[self.how], self.fit_mm, self.structure.path
+
+
+def link_all(
+    structures: Sequence[StructureSet],
+    candidates: Callable[[StructureSet], Sequence[SeriesGeometry]],
+    display: Callable[[str], str] = str,
+) -> tuple[dict[str, Link], list[InputProblem], list[str]]:
+    """Links every RTSTRUCT to the series it contours, decided over all of them at once.
+
+    Each RTSTRUCT is linked on its own (``link_rtstruct``); where several claim one series, the
+    strongest claim wins, whatever order the files come in: a referenced series UID beats contour
+    image UIDs, which beat geometry; then the closer geometric fit; then the path. Each losing
+    file is blamed by name, with the file that won.
+
+    Args:
+      structures: the structure sets.
+      candidates: the image series each structure set may contour (its patient's).
+      display: how a path is written in the reasons.
+
+    Returns:
+      ({series uid: its Link}, a problem per RTSTRUCT not linked, warnings).
+    """
+    claims: dict[str, list[Link]] = {}
+    problems, warnings = [], []
+    for structure in structures:
+        try:
+            geometry, how, link_warnings = link_rtstruct(structure, candidates(structure))
+        except InputProblem as problem:
+            problems.append(problem)
+            continue
+        warnings.extend(w.replace(structure.path, display(structure.path)) for w in link_warnings)
+        fit = geometric_fit(structure, geometry, _UID_LINK_SHARE)
+        link = Link(structure, geometry, how, math.inf if fit is None else fit)
+        claims.setdefault(geometry.series_instance_uid, []).append(link)
+    links = {}
+    for uid, series_claims in claims.items():
+        winner, *losers = sorted(series_claims, key=Link.strength)
+        links[uid] = winner
+        for loser in losers:
+            if loser.how == winner.how:
+                why = f"both by {_LINK_WORDS[winner.how]}, and that one fits it as well or closer"
+            else:
+                why = f"that one by {_LINK_WORDS[winner.how]}, this one by {_LINK_WORDS[loser.how]}"
+            problems.append(
+                InputProblem(
+                    loser.structure.path,
+                    f"its image series is contoured by {display(winner.structure.path)} ({why})",
+                )
+            )
+    return links, problems, warnings
 
 
 def select_rois(names: Sequence[str], patterns: Sequence[str] = DEFAULT_ROI_PATTERNS) -> str | None:
@@ -433,7 +604,8 @@ def load_rtstruct_masks(
       {roi_name: bool (slices, rows, cols)}.
 
     Raises:
-      InputProblem: not an RTSTRUCT, another frame of reference, or no ROI matches the patterns.
+      InputProblem: not a readable RTSTRUCT, another frame of reference, no ROI matches the
+        patterns, or a malformed contour in a returned ROI.
     """
     structure = read_rtstruct(rtstruct_path)
     if structure.frame_of_reference_uids and series.frame_of_reference_uid not in set(
@@ -448,6 +620,9 @@ def load_rtstruct_masks(
                 structure.path, f"no ROI matches {list(roi_patterns)} (ROIs: {sorted(names)})"
             )
         names = [chosen]
+    for name in names:
+        if name in structure.problems:
+            raise InputProblem(structure.path, f"ROI {name}: {structure.problems[name][0]}")
     return {
         name: rasterise(structure.rois[name], series, name, structure.path)[0] for name in names
     }

@@ -1,6 +1,5 @@
 """Tests of IndexWriter, Index (data_pipeline/index.py) and read_clinical on synthetic data."""
 
-import io
 import os
 import pathlib
 import sqlite3
@@ -8,13 +7,12 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import zipfile
 
 import numpy as np
 import pandas as pd
 from absl.testing import absltest, parameterized
 
-from data_pipeline import clinical
+from data_pipeline import clinical, index_writer, slice_store
 from data_pipeline import index as index_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,8 +39,13 @@ def synthetic_content(seed: int) -> dict:
             masks = rng.random((SLICES_PER_SERIES, ROWS, COLS)) < 0.2
             masks[0] = False  # Every series has a slice without tumour.
             content[f"{patient_key}_{suffix}"] = dict(
-                patient_key=patient_key, modality=modality, sequence=sequence, images=images,
-                masks=masks, positions=np.arange(SLICES_PER_SERIES) * 2.5 - 10.0)
+                patient_key=patient_key,
+                modality=modality,
+                sequence=sequence,
+                images=images,
+                masks=masks,
+                positions=np.arange(SLICES_PER_SERIES) * 2.5 - 10.0,
+            )
     return content
 
 
@@ -50,28 +53,45 @@ def write_index(out_dir, content: dict, reverse: bool = False, **writer_kwargs) 
     """Writes `content` with IndexWriter; reverse=True adds everything in the opposite order."""
     order = list(reversed(content)) if reverse else list(content)
     patients = list(reversed(PATIENTS)) if reverse else PATIENTS
-    writer = index_lib.IndexWriter(out_dir, provenance={"test": "index_test"}, **writer_kwargs)
+    writer = index_writer.IndexWriter(out_dir, provenance={"test": "index_test"}, **writer_kwargs)
     with writer:
         for patient_key, age, sex, site in patients:
             writer.add_patient(patient_key, age=age, sex=sex, site=site)
         for series_key in order:
             series = content[series_key]
             writer.add_series(
-                series_key=series_key, patient_key=series["patient_key"], study_uid="1.2.3",
-                series_uid=f"1.2.3.{len(series_key)}", modality=series["modality"],
-                sequence=series["sequence"], description=f"{series_key} description",
-                frame_of_reference_uid="1.2.3.9", rows=ROWS, cols=COLS, pixel_spacing=(0.8, 0.9),
-                slice_spacing=2.5, orientation=(1, 0, 0, 0, 1, 0),
-                n_slices=SLICES_PER_SERIES, units="HU")
-            writer.add_roi(series_key=series_key, roi_name="GTV_Mass",
-                           rtstruct_file_rel=f"{series_key}/rt.dcm", linked_by="geometry")
+                series_key=series_key,
+                patient_key=series["patient_key"],
+                study_uid="1.2.3",
+                series_uid=f"1.2.3.{len(series_key)}",
+                modality=series["modality"],
+                sequence=series["sequence"],
+                description=f"{series_key} description",
+                frame_of_reference_uid="1.2.3.9",
+                rows=ROWS,
+                cols=COLS,
+                pixel_spacing=(0.8, 0.9),
+                slice_spacing=2.5,
+                orientation=(1, 0, 0, 0, 1, 0),
+                n_slices=SLICES_PER_SERIES,
+                units="HU",
+            )
+            writer.add_roi(
+                series_key=series_key,
+                roi_name="GTV_Mass",
+                rtstruct_file_rel=f"{series_key}/rt.dcm",
+                linked_by="geometry",
+            )
             slice_order = range(SLICES_PER_SERIES)
             for slice_index in reversed(slice_order) if reverse else slice_order:
                 writer.add_slice(
-                    series_key=series_key, slice_index=slice_index,
+                    series_key=series_key,
+                    slice_index=slice_index,
                     position_mm=series["positions"][slice_index],
                     sop_instance_uid=f"1.2.3.{slice_index}",
-                    image=series["images"][slice_index], mask=series["masks"][slice_index])
+                    image=series["images"][slice_index],
+                    mask=series["masks"][slice_index],
+                )
         for path, message in (("b.dcm", "not DICOM"), ("a.dcm", "truncated")):
             writer.add_warning(path, message)
 
@@ -103,7 +123,6 @@ def expected_keys(content: dict, keep) -> list[tuple[str, int]]:
 
 
 class IndexQueryTest(parameterized.TestCase):
-
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
@@ -144,18 +163,27 @@ class IndexQueryTest(parameterized.TestCase):
         ("pet_alias", {"modality": "PET"}, lambda s, p, m: s["modality"] == "PT"),
         ("mr", {"modality": "MR"}, lambda s, p, m: s["modality"] == "MR"),
         ("t2_domain", {"modality": "t2"}, lambda s, p, m: s["sequence"] == "T2"),
-        ("ct_or_t1", {"modality": ["CT", "T1"]},
-         lambda s, p, m: s["modality"] == "CT" or s["sequence"] == "T1"),
+        (
+            "ct_or_t1",
+            {"modality": ["CT", "T1"]},
+            lambda s, p, m: s["modality"] == "CT" or s["sequence"] == "T1",
+        ),
         ("sequence", {"sequence": "T1"}, lambda s, p, m: s["sequence"] == "T1"),
         ("tumour", {"has_tumor": True}, lambda s, p, m: m.any()),
         ("no_tumour", {"has_tumor": False}, lambda s, p, m: not m.any()),
         ("site_any_case", {"site": "THIGH"}, lambda s, p, m: p[3] in ("Thigh", "thigh")),
         ("age_inclusive", {"age": (40, 70)}, lambda s, p, m: p[1] is not None and 40 <= p[1] <= 70),
         ("age_open_low", {"age": (None, 40)}, lambda s, p, m: p[1] is not None and p[1] <= 40),
-        ("patients", {"patients": ["STS_003", "STS_001"]},
-         lambda s, p, m: p[0] in ("STS_001", "STS_003")),
-        ("combined", {"modality": "PT", "site": "thigh", "age": (41, None), "has_tumor": True},
-         lambda s, p, m: s["modality"] == "PT" and p[0] == "STS_002" and m.any()),
+        (
+            "patients",
+            {"patients": ["STS_003", "STS_001"]},
+            lambda s, p, m: p[0] in ("STS_001", "STS_003"),
+        ),
+        (
+            "combined",
+            {"modality": "PT", "site": "thigh", "age": (41, None), "has_tumor": True},
+            lambda s, p, m: s["modality"] == "PT" and p[0] == "STS_002" and m.any(),
+        ),
     )
     def test_query_filters(self, filters, keep):
         self.assertEqual(self.keys(self.index.query(**filters)), expected_keys(self.content, keep))
@@ -181,13 +209,15 @@ class IndexQueryTest(parameterized.TestCase):
             self.index.query(**filters)
 
     def test_splits_partition_the_slices(self):
-        by_split = {split: self.keys(self.index.query(split=split))
-                    for split in ("train", "val", "test")}
+        by_split = {
+            split: self.keys(self.index.query(split=split)) for split in ("train", "val", "test")
+        }
         all_keys = self.keys(self.index.query())
         self.assertCountEqual(sum(by_split.values(), []), all_keys)
         for split, keys in by_split.items():
-            self.assertTrue(all(record.split == split
-                                for record in self.index.query(split=split)), split)
+            self.assertTrue(
+                all(record.split == split for record in self.index.query(split=split)), split
+            )
             self.assertLen(set(keys), len(keys))
 
     def test_tables_and_summary(self):
@@ -201,13 +231,20 @@ class IndexQueryTest(parameterized.TestCase):
         self.assertEqual(series["STS_001_T2"]["sequence"], "T2")
         self.assertEqual(series["STS_001_T2"]["orientation"], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
         self.assertEqual(
-            [series["STS_001_T2"][name]
-             for name in ("pixel_spacing_row_mm", "pixel_spacing_col_mm")], [0.8, 0.9])
+            [
+                series["STS_001_T2"][name]
+                for name in ("pixel_spacing_row_mm", "pixel_spacing_col_mm")
+            ],
+            [0.8, 0.9],
+        )
         self.assertLen(self.index.rois(), len(self.content))
         self.assertEqual([row["path"] for row in self.index.warnings()], ["a.dcm", "b.dcm"])
         summary = self.index.summary()
-        num_tumour = sum(int(series["masks"][i].any())
-                         for series in self.content.values() for i in range(SLICES_PER_SERIES))
+        num_tumour = sum(
+            int(series["masks"][i].any())
+            for series in self.content.values()
+            for i in range(SLICES_PER_SERIES)
+        )
         self.assertEqual(summary["patients"], len(PATIENTS))
         self.assertEqual(summary["series"], {"CT": 4, "PT": 4, "MR_T1": 4, "MR_T2": 4})
         self.assertEqual(summary["slices"], len(self.content) * SLICES_PER_SERIES)
@@ -221,8 +258,11 @@ class IndexQueryTest(parameterized.TestCase):
     def test_schema_has_no_identifying_columns(self):
         connection = sqlite3.connect(os.path.join(self.out_dir, "index.sqlite"))
         try:
-            columns = {row[1].lower() for table in ("patients", "series", "slices")
-                       for row in connection.execute(f"PRAGMA table_info({table})")}
+            columns = {
+                row[1].lower()
+                for table in ("patients", "series", "slices")
+                for row in connection.execute(f"PRAGMA table_info({table})")
+            }
         finally:
             connection.close()
         self.assertTrue({"patient_key", "age", "sex", "site"} <= columns)
@@ -230,7 +270,6 @@ class IndexQueryTest(parameterized.TestCase):
 
 
 class IndexWriterTest(absltest.TestCase):
-
     def setUp(self):
         super().setUp()
         self.content = synthetic_content(seed=1)
@@ -244,8 +283,10 @@ class IndexWriterTest(absltest.TestCase):
         write_index(self.out_dir, self.content)
         write_index(other_dir, self.content, reverse=True)
         for relative in ["index.sqlite", "slices/STS_002_T1/0001.npz"]:
-            with open(os.path.join(self.out_dir, relative), "rb") as first, \
-                    open(os.path.join(other_dir, relative), "rb") as second:
+            with (
+                open(os.path.join(self.out_dir, relative), "rb") as first,
+                open(os.path.join(other_dir, relative), "rb") as second,
+            ):
                 self.assertEqual(first.read(), second.read(), relative)
         self.assertEqual(self.leftovers(), [])
 
@@ -266,7 +307,7 @@ class IndexWriterTest(absltest.TestCase):
         write_index(self.out_dir, self.content)
         before = index_lib.Index(self.out_dir).query()
         with self.assertRaisesRegex(RuntimeError, "interrupted"):
-            with index_lib.IndexWriter(self.out_dir) as writer:
+            with index_writer.IndexWriter(self.out_dir) as writer:
                 writer.add_patient("STS_009")
                 raise RuntimeError("interrupted")
         after = index_lib.Index(self.out_dir).query()
@@ -277,8 +318,8 @@ class IndexWriterTest(absltest.TestCase):
         write_index(self.out_dir, self.content)
         script = textwrap.dedent(f"""
             import os, numpy as np
-            from data_pipeline import index
-            writer = index.IndexWriter({self.out_dir!r})
+            from data_pipeline import index_writer
+            writer = index_writer.IndexWriter({self.out_dir!r})
             writer.add_patient("STS_009")
             writer.add_series(series_key="S9", patient_key="STS_009", study_uid="1",
                               series_uid="2", modality="CT", sequence=None, description="",
@@ -300,7 +341,7 @@ class IndexWriterTest(absltest.TestCase):
 
     def test_interrupted_commit_leaves_no_half_index(self):
         write_index(self.out_dir, self.content)
-        writer = index_lib.IndexWriter(self.out_dir)
+        writer = index_writer.IndexWriter(self.out_dir)
         writer.add_patient("STS_009")
         original_replace = os.replace
 
@@ -318,7 +359,7 @@ class IndexWriterTest(absltest.TestCase):
 
     def test_recommit_replaces_old_slices(self):
         write_index(self.out_dir, self.content)
-        with index_lib.IndexWriter(self.out_dir) as writer:
+        with index_writer.IndexWriter(self.out_dir) as writer:
             writer.add_patient("STS_009")
         self.assertEqual(index_lib.Index(self.out_dir).query(), [])
         self.assertEqual(os.listdir(os.path.join(self.out_dir, "slices")), [])
@@ -326,40 +367,80 @@ class IndexWriterTest(absltest.TestCase):
 
     def test_inconsistent_input_is_refused(self):
         with self.assertRaisesRegex(ValueError, "folder"):
-            with index_lib.IndexWriter(self.out_dir) as writer:
-                writer.add_slice(series_key="../escape", slice_index=0, position_mm=0.0,
-                                 sop_instance_uid=None, image=np.zeros((2, 2)),
-                                 mask=np.zeros((2, 2)))
+            with index_writer.IndexWriter(self.out_dir) as writer:
+                writer.add_slice(
+                    series_key="../escape",
+                    slice_index=0,
+                    position_mm=0.0,
+                    sop_instance_uid=None,
+                    image=np.zeros((2, 2)),
+                    mask=np.zeros((2, 2)),
+                )
         with self.assertRaisesRegex(ValueError, "never added"):
-            with index_lib.IndexWriter(self.out_dir) as writer:
-                writer.add_slice(series_key="S1", slice_index=0, position_mm=0.0,
-                                 sop_instance_uid=None, image=np.zeros((2, 2)),
-                                 mask=np.zeros((2, 2)))
+            with index_writer.IndexWriter(self.out_dir) as writer:
+                writer.add_slice(
+                    series_key="S1",
+                    slice_index=0,
+                    position_mm=0.0,
+                    sop_instance_uid=None,
+                    image=np.zeros((2, 2)),
+                    mask=np.zeros((2, 2)),
+                )
         with self.assertRaisesRegex(ValueError, "modality"):
-            with index_lib.IndexWriter(self.out_dir) as writer:
+            with index_writer.IndexWriter(self.out_dir) as writer:
                 writer.add_patient("P")
-                writer.add_series(series_key="S1", patient_key="P", study_uid="1",
-                                  series_uid="2", modality="XR", sequence=None, description="",
-                                  frame_of_reference_uid="3", rows=2, cols=2,
-                                  pixel_spacing=(1, 1), slice_spacing=1,
-                                  orientation=(1, 0, 0, 0, 1, 0), n_slices=1, units="HU")
+                writer.add_series(
+                    series_key="S1",
+                    patient_key="P",
+                    study_uid="1",
+                    series_uid="2",
+                    modality="XR",
+                    sequence=None,
+                    description="",
+                    frame_of_reference_uid="3",
+                    rows=2,
+                    cols=2,
+                    pixel_spacing=(1, 1),
+                    slice_spacing=1,
+                    orientation=(1, 0, 0, 0, 1, 0),
+                    n_slices=1,
+                    units="HU",
+                )
         self.assertFalse(os.path.exists(os.path.join(self.out_dir, "index.sqlite")))
         self.assertEqual(self.leftovers(), [])
 
     def test_slice_file_written_by_a_worker(self):
-        with index_lib.IndexWriter(self.out_dir) as writer:
+        with index_writer.IndexWriter(self.out_dir) as writer:
             writer.add_patient("P")
-            writer.add_series(series_key="S1", patient_key="P", study_uid="1", series_uid="2",
-                              modality="PT", sequence=None, description="",
-                              frame_of_reference_uid="3", rows=2, cols=3, pixel_spacing=(1, 1),
-                              slice_spacing=1, orientation=(1, 0, 0, 0, 1, 0), n_slices=1,
-                              units="SUV")
+            writer.add_series(
+                series_key="S1",
+                patient_key="P",
+                study_uid="1",
+                series_uid="2",
+                modality="PT",
+                sequence=None,
+                description="",
+                frame_of_reference_uid="3",
+                rows=2,
+                cols=3,
+                pixel_spacing=(1, 1),
+                slice_spacing=1,
+                orientation=(1, 0, 0, 0, 1, 0),
+                n_slices=1,
+                units="SUV",
+            )
             image = np.arange(6, dtype=np.float32).reshape(2, 3)
             mask = np.array([[0, 1, 1], [0, 0, 1]], bool)
-            tumor_pixels = index_lib.write_slice_npz(
-                writer.staging_dir / index_lib.slice_relpath("S1", 0), image, mask)
-            writer.add_slice_file(series_key="S1", slice_index=0, position_mm=1.5,
-                                  sop_instance_uid="9", tumor_pixels=tumor_pixels)
+            tumor_pixels = slice_store.write_slice(
+                writer.staging_dir / index_lib.slice_relpath("S1", 0), image, mask
+            )
+            writer.add_slice_file(
+                series_key="S1",
+                slice_index=0,
+                position_mm=1.5,
+                sop_instance_uid="9",
+                tumor_pixels=tumor_pixels,
+            )
         (record,) = index_lib.Index(self.out_dir).query(modality="PT")
         self.assertEqual(record.tumor_pixels, 3)
         loaded_image, loaded_mask = record.load()
@@ -367,84 +448,51 @@ class IndexWriterTest(absltest.TestCase):
         np.testing.assert_array_equal(loaded_mask, mask.astype(np.uint8))
 
 
-class SliceFileTest(absltest.TestCase):
-
-    def test_values_survive_whatever_dtype_stores_them(self):
-        hu = np.array([[-1024.0, 0.0], [3071.0, 40.0]], np.float32)  # integral: stored as int16
-        suv = np.array([[0.25, 1.5], [7.125, 0.0]], np.float32)  # fractional: stored as float32
-        huge = np.array([[1e6, 0.0], [1.0, 2.0]], np.float32)  # beyond int16: float32
-        mask = np.array([[True, False], [False, True]])
-        with tempfile.TemporaryDirectory() as folder:
-            for name, image, stored_dtype in (("hu", hu, np.int16), ("suv", suv, np.float32),
-                                              ("huge", huge, np.float32)):
-                path = os.path.join(folder, f"{name}.npz")
-                self.assertEqual(index_lib.write_slice_npz(path, image, mask), 2)
-                with np.load(path) as arrays:
-                    self.assertEqual(arrays["image"].dtype, stored_dtype)
-                record = index_lib.SliceRecord(
-                    patient_key="p", modality="CT", sequence=None, split="train", has_tumor=True,
-                    series_key="s", slice_index=0, position_mm=0.0, tumor_pixels=2, path=path)
-                loaded_image, loaded_mask = record.load()
-                self.assertEqual(loaded_image.dtype, np.float32)
-                np.testing.assert_array_equal(loaded_image, image)
-                np.testing.assert_array_equal(loaded_mask, mask.astype(np.uint8))
-
-
-    def test_archive_is_a_valid_deflated_zip_with_fixed_bytes(self):
-        rng = np.random.default_rng(0)
-        image = rng.normal(0.0, 50.0, (64, 48)).round().astype(np.float32)
-        mask = rng.random((64, 48)) > 0.7
-        with tempfile.TemporaryDirectory() as folder:
-            first, second = os.path.join(folder, "a.npz"), os.path.join(folder, "b.npz")
-            index_lib.write_slice_npz(first, image, mask)
-            index_lib.write_slice_npz(second, image, mask)
-            with open(first, "rb") as a, open(second, "rb") as b:
-                self.assertEqual(a.read(), b.read())
-            with zipfile.ZipFile(first) as archive:
-                self.assertIsNone(archive.testzip())  # every member's CRC checks out
-                infos = archive.infolist()
-                self.assertEqual([info.filename for info in infos], ["image.npy", "mask.npy"])
-                for info in infos:
-                    self.assertEqual(info.compress_type, zipfile.ZIP_DEFLATED)
-                    self.assertEqual(info.date_time, (1980, 1, 1, 0, 0, 0))
-                    self.assertLess(info.compress_size, info.file_size)
-                # The members are the .npy bytes numpy itself writes for these arrays.
-                expected = io.BytesIO()
-                np.lib.format.write_array(expected, mask, allow_pickle=False)
-                self.assertEqual(archive.read("mask.npy"), expected.getvalue())
-            with np.load(first) as arrays:
-                np.testing.assert_array_equal(arrays["image"], image.astype(np.int16))
-                np.testing.assert_array_equal(arrays["mask"], mask)
-
-
 class ReadClinicalTest(absltest.TestCase):
-
     def test_csv_with_title_row_and_varied_headers(self):
-        path = write_text(make_temp_dir(self), "clinical.csv", (
-            "Clinical data of the STS collection\n"
-            "Patient ID,Age (years),Gender,Site of primary STS,Grade\n"
-            "STS_001,45,male,Thigh,3\n"
-            "STS_002,,F,, \n"
-            "12,61.5,x,Arm\n"))
-        self.assertEqual(clinical.read_clinical(path), {
-            "STS_001": {"age": 45.0, "sex": "M", "site": "Thigh"},
-            "STS_002": {"age": None, "sex": "F", "site": None},
-            "12": {"age": 61.5, "sex": "x", "site": "Arm"},
-        })
+        path = write_text(
+            make_temp_dir(self),
+            "clinical.csv",
+            (
+                "Clinical data of the STS collection\n"
+                "Patient ID,Age (years),Gender,Site of primary STS,Grade\n"
+                "STS_001,45,male,Thigh,3\n"
+                "STS_002,,F,, \n"
+                "12,61.5,x,Arm\n"
+            ),
+        )
+        self.assertEqual(
+            clinical.read_clinical(path),
+            {
+                "STS_001": {"age": 45.0, "sex": "M", "site": "Thigh"},
+                "STS_002": {"age": None, "sex": "F", "site": None},
+                "12": {"age": 61.5, "sex": "x", "site": "Arm"},
+            },
+        )
 
     def test_semicolon_csv_without_optional_columns(self):
         path = write_text(make_temp_dir(self), "c.csv", "patient_id;weight\nA;70\n")
-        self.assertEqual(clinical.read_clinical(path),
-                         {"A": {"age": None, "sex": None, "site": None}})
+        self.assertEqual(
+            clinical.read_clinical(path), {"A": {"age": None, "sex": None, "site": None}}
+        )
 
     def test_xlsx(self):
         path = os.path.join(make_temp_dir(self), "clinical.xlsx")
-        pd.DataFrame({"PATIENTID": ["STS_010", 7], "AGE": [40, None], "Sex": ["F", "M"],
-                      "site": ["Knee", None]}).to_excel(path, index=False)
-        self.assertEqual(clinical.read_clinical(path), {
-            "STS_010": {"age": 40.0, "sex": "F", "site": "Knee"},
-            "7": {"age": None, "sex": "M", "site": None},
-        })
+        pd.DataFrame(
+            {
+                "PATIENTID": ["STS_010", 7],
+                "AGE": [40, None],
+                "Sex": ["F", "M"],
+                "site": ["Knee", None],
+            }
+        ).to_excel(path, index=False)
+        self.assertEqual(
+            clinical.read_clinical(path),
+            {
+                "STS_010": {"age": 40.0, "sex": "F", "site": "Knee"},
+                "7": {"age": None, "sex": "M", "site": None},
+            },
+        )
 
     def test_malformed_files_raise_one_line_error_naming_the_file(self):
         folder = make_temp_dir(self)

@@ -16,7 +16,7 @@ from absl.testing import absltest
 
 from data_pipeline import index as index_lib
 from data_pipeline import ingest as ingest_lib
-from data_pipeline import phantom
+from data_pipeline import phantom, workers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("SARCOMA_JAX_SHARED", REPO / ".." / "shared"))
@@ -68,7 +68,8 @@ class IngestPhantomTest(absltest.TestCase):
 
     def test_summary_and_index(self):
         self.assertEqual(self.summary.patients, 3)
-        self.assertEqual(self.summary.skipped, 0, self.lines)
+        self.assertEqual(self.summary.files_skipped, 0, self.lines)
+        self.assertEqual(self.summary.slices_lost, 0, self.lines)
         self.assertEqual(self.summary.series["CT"], 3)
         self.assertEqual(self.summary.series["PT"], 3)
         self.assertEqual(self.summary.series["T1"], 3)
@@ -239,8 +240,10 @@ class BadInputTest(absltest.TestCase):
         self._line_for("foreign_frame.dcm", "FrameOfReferenceUID matches no image series")
         self._line_for(os.path.basename(self.moved_structure), "outside the image")
         self._line_for("empty_series", "empty folder")
-        # Five bad files; the cut slice's series is still ingested without that slice.
-        self.assertEqual(self.summary.skipped, self.clean.skipped + 5)
+        # Five bad files, three of them image slices (trunc.dcm, the cut CT slice, the CT object
+        # without pixels); the cut slice's series is still ingested without that slice.
+        self.assertEqual(self.summary.files_skipped, self.clean.files_skipped + 5)
+        self.assertEqual(self.summary.slices_lost, self.clean.slices_lost + 3)
         self.assertEqual(self.summary.patients, 2)
         self.assertEqual(self.summary.series, self.clean.series)
         self.assertEqual(self.summary.slices, self.clean.slices - 1)
@@ -263,7 +266,8 @@ class BadInputTest(absltest.TestCase):
             )
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertNotIn("Traceback", result.stderr)
-            self.assertIn(f"skipped        {self.clean.skipped + 5}", result.stdout)
+            self.assertIn(f"files skipped  {self.clean.files_skipped + 5}", result.stdout)
+            self.assertIn(f"slices lost    {self.clean.slices_lost + 3}", result.stdout)
             self.assertIn("patients       2", result.stdout)
 
     def test_cli_empty_or_missing_folder_is_one_line_error(self):
@@ -314,7 +318,6 @@ class RealDataIngestTest(absltest.TestCase):
 
 
 class SharedMapTest(absltest.TestCase):
-
     def test_results_in_order_with_this_thread_working_too(self):
         import concurrent.futures
         import threading
@@ -325,7 +328,7 @@ class SharedMapTest(absltest.TestCase):
             return item * item, threading.get_ident()
 
         with concurrent.futures.ThreadPoolExecutor(1) as executor:
-            results = list(ingest_lib._shared_map(executor, work, list(range(60))))
+            results = list(workers.shared_map(executor, work, list(range(60))))
         self.assertEqual([value for value, _ in results], [i * i for i in range(60)])
         here = threading.get_ident()
         ran_here = [i for i, (_, thread) in enumerate(results) if thread == here]
@@ -335,8 +338,7 @@ class SharedMapTest(absltest.TestCase):
         self.assertEqual(ran_here, list(range(60 - len(ran_here), 60)))
 
     def test_without_executor_is_map(self):
-        self.assertEqual(list(ingest_lib._shared_map(None, abs, [-2, 3, -4])), [2, 3, 4])
-
+        self.assertEqual(list(workers.shared_map(None, abs, [-2, 3, -4])), [2, 3, 4])
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from data_pipeline import index as index_lib
-from data_pipeline import splits, vocabulary
+from data_pipeline import index_writer, splits, vocabulary
 
 
 def reference_rank(patient_keys, seed):
     """The contract's ranking, written out independently: ascending sha256 hex digest."""
-    return sorted(patient_keys,
-                  key=lambda key: hashlib.sha256(f"{seed}:{key}".encode()).hexdigest())
+    return sorted(
+        patient_keys, key=lambda key: hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+    )
 
 
 def patient_keys(count):
@@ -22,10 +23,19 @@ def patient_keys(count):
 
 
 class SplitFunctionsTest(parameterized.TestCase):
-
     @parameterized.parameters(
         # n, max(1, round-half-up(0.15 n)) worked by hand; fewer than 3 patients hold out none.
-        (1, 0), (2, 0), (3, 1), (6, 1), (7, 1), (10, 2), (13, 2), (20, 3), (30, 5), (51, 8))
+        (1, 0),
+        (2, 0),
+        (3, 1),
+        (6, 1),
+        (7, 1),
+        (10, 2),
+        (13, 2),
+        (20, 3),
+        (30, 5),
+        (51, 8),
+    )
     def test_num_holdout_patients(self, num_patients, expected):
         self.assertEqual(splits.num_holdout_patients(num_patients), expected)
 
@@ -46,12 +56,16 @@ class SplitFunctionsTest(parameterized.TestCase):
         ranked = reference_rank(keys, 5)
         num_holdout = splits.num_holdout_patients(num_patients)
         self.assertEqual(sorted(assigned), sorted(keys))
-        self.assertEqual({key for key in keys if assigned[key] == "test"},
-                         set(ranked[:num_holdout]))
-        self.assertEqual({key for key in keys if assigned[key] == "val"},
-                         set(ranked[num_holdout:2 * num_holdout]))
-        self.assertEqual(collections.Counter(assigned.values())["train"],
-                         num_patients - 2 * num_holdout)
+        self.assertEqual(
+            {key for key in keys if assigned[key] == "test"}, set(ranked[:num_holdout])
+        )
+        self.assertEqual(
+            {key for key in keys if assigned[key] == "val"},
+            set(ranked[num_holdout : 2 * num_holdout]),
+        )
+        self.assertEqual(
+            collections.Counter(assigned.values())["train"], num_patients - 2 * num_holdout
+        )
 
     def test_thesis_scheme_slices(self):
         keys = patient_keys(20)
@@ -80,8 +94,10 @@ class SplitFunctionsTest(parameterized.TestCase):
         self.assertEqual(splits.position_key(12.349), "12.3")
         # The hash of the text the contract names, computed independently.
         digest = hashlib.sha256(b"4:STS_007:-12.5").digest()
-        self.assertEqual(splits.withheld_slice_split("STS_007", -12.5, seed=4),
-                         "val" if digest[0] % 2 == 0 else "test")
+        self.assertEqual(
+            splits.withheld_slice_split("STS_007", -12.5, seed=4),
+            "val" if digest[0] % 2 == 0 else "test",
+        )
 
     def test_bad_input(self):
         with self.assertRaisesRegex(ValueError, "scheme"):
@@ -95,29 +111,44 @@ def write_split_index(out_dir, keys, scheme, seed, reverse=False):
     (the PT ones off by a few hundredths of a mm) and an MR T2 series on other positions."""
     rng = np.random.default_rng(0)
     order = list(reversed(keys)) if reverse else list(keys)
-    with index_lib.IndexWriter(out_dir, split_scheme=scheme, seed=seed) as writer:
+    with index_writer.IndexWriter(out_dir, split_scheme=scheme, seed=seed) as writer:
         for key in order:
             writer.add_patient(key, age=50, site="thigh")
             for modality, sequence, positions in (
-                    ("CT", None, np.arange(8) * 3.0),
-                    ("PT", None, np.arange(8) * 3.0 + 0.02),
-                    ("MR", "T2", np.arange(5) * 4.1 + 100.0)):
+                ("CT", None, np.arange(8) * 3.0),
+                ("PT", None, np.arange(8) * 3.0 + 0.02),
+                ("MR", "T2", np.arange(5) * 4.1 + 100.0),
+            ):
                 series_key = f"{key}_{sequence or modality}"
                 writer.add_series(
-                    series_key=series_key, patient_key=key, study_uid="1", series_uid=series_key,
-                    modality=modality, sequence=sequence, description="",
-                    frame_of_reference_uid="2", rows=4, cols=4, pixel_spacing=(1, 1),
-                    slice_spacing=3.0, orientation=(1, 0, 0, 0, 1, 0), n_slices=len(positions),
-                    units="")
+                    series_key=series_key,
+                    patient_key=key,
+                    study_uid="1",
+                    series_uid=series_key,
+                    modality=modality,
+                    sequence=sequence,
+                    description="",
+                    frame_of_reference_uid="2",
+                    rows=4,
+                    cols=4,
+                    pixel_spacing=(1, 1),
+                    slice_spacing=3.0,
+                    orientation=(1, 0, 0, 0, 1, 0),
+                    n_slices=len(positions),
+                    units="",
+                )
                 for slice_index, position in enumerate(positions):
                     writer.add_slice(
-                        series_key=series_key, slice_index=slice_index, position_mm=position,
-                        sop_instance_uid=None, image=rng.random((4, 4)),
-                        mask=rng.random((4, 4)) < 0.5)
+                        series_key=series_key,
+                        slice_index=slice_index,
+                        position_mm=position,
+                        sop_instance_uid=None,
+                        image=rng.random((4, 4)),
+                        mask=rng.random((4, 4)) < 0.5,
+                    )
 
 
 class StoredSplitsTest(parameterized.TestCase):
-
     def make_index(self, keys, scheme, seed, reverse=False):
         temp_dir = tempfile.TemporaryDirectory()
         self.addCleanup(temp_dir.cleanup)
@@ -134,8 +165,14 @@ class StoredSplitsTest(parameterized.TestCase):
         second = self.make_index(keys, scheme, seed=7, reverse=True)
         stored = self.split_of_each_slice(first)
         self.assertEqual(stored, self.split_of_each_slice(second))
-        for filters in ({"modality": "CT"}, {"has_tumor": True}, {"site": "THIGH"},
-                        {"patients": keys[:4]}, {"split": "val"}, {"age": (40, 60)}):
+        for filters in (
+            {"modality": "CT"},
+            {"has_tumor": True},
+            {"site": "THIGH"},
+            {"patients": keys[:4]},
+            {"split": "val"},
+            {"age": (40, 60)},
+        ):
             for record in first.query(**filters):
                 self.assertEqual(record.split, stored[(record.series_key, record.slice_index)])
         self.assertNotEqual(stored, self.split_of_each_slice(self.make_index(keys, scheme, 8)))
@@ -145,7 +182,8 @@ class StoredSplitsTest(parameterized.TestCase):
         index = self.make_index(keys, "patient", seed=1)
         patients_per_split = {
             split: {record.patient_key for record in index.query(split=split)}
-            for split in vocabulary.SPLITS}
+            for split in vocabulary.SPLITS
+        }
         ranked = reference_rank(keys, 1)
         self.assertEqual(patients_per_split["test"], set(ranked[:2]))
         self.assertEqual(patients_per_split["val"], set(ranked[2:4]))
@@ -159,8 +197,7 @@ class StoredSplitsTest(parameterized.TestCase):
         index = self.make_index(keys, "thesis", seed=3)
         withheld = set(reference_rank(keys, 3)[:num_withheld])
         self.assertEqual({r.patient_key for r in index.query(split=["val", "test"])}, withheld)
-        self.assertEqual({r.patient_key for r in index.query(split="train")},
-                         set(keys) - withheld)
+        self.assertEqual({r.patient_key for r in index.query(split="train")}, set(keys) - withheld)
         self.assertNotEqual(index.query(split="val"), [])
         self.assertNotEqual(index.query(split="test"), [])
         ct_split = {(r.patient_key, r.slice_index): r.split for r in index.query(modality="CT")}

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from absl.testing import absltest
 
 import data_pipeline.tfds.soft_tissue_sarcoma as sts
-from data_pipeline import datasets, loader
+from data_pipeline import datasets, index_writer, loader
 from data_pipeline import index as index_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ TUMOUR_SLICES = (1, 2, 3)
 def write_tiny_index(out_dir: str) -> index_lib.Index:
     """A hand-written index: 4 patients with a CT and an MR T2 series of 5 slices each."""
     rng = np.random.default_rng(0)
-    with index_lib.IndexWriter(out_dir, split_scheme="patient", seed=0) as writer:
+    with index_writer.IndexWriter(out_dir, split_scheme="patient", seed=0) as writer:
         for patient in range(4):
             patient_key = f"P{patient:02d}"
             writer.add_patient(patient_key)
