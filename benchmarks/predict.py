@@ -40,7 +40,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # configs/, and this checkout's packages
 
 from configs import segment_ct  # noqa: E402
-from data_pipeline import dicom_io, rtstruct_writer, seg_writer  # noqa: E402
+from data_pipeline import dicom_io, rtstruct_writer, seg_writer, series_finder  # noqa: E402
 from sarcoma_jax import predict, train_segment  # noqa: E402
 
 PHASES = ("read", "preprocess", "model", "to_grid", "seg", "rtstruct")
@@ -111,7 +111,7 @@ def _end_to_end(series_dir, model, predictor, out_dir) -> tuple[dict[str, float]
     """One pass of predict's path on one series; seconds per phase and what was written."""
     seconds = {}
     start = time.perf_counter()
-    scan = predict.scan_dicom_dir(series_dir, log=print)
+    scan = series_finder.scan_dicom_dir(series_dir, log=print)
     (headers,) = predict.select_series(scan, model.domain)
     series = dicom_io.load_series_from_headers(headers)
     sources = predict.read_source_headers(series)

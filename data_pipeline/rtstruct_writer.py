@@ -154,6 +154,9 @@ def write_rtstruct(
         )
         ds.copy_patient_and_study_information(first)
     ds.OperatorsName = ""  # RT Series module, type 2
+    # Frame of Reference module (the series', as the contours are in its patient coordinates).
+    ds.FrameOfReferenceUID = series.frame_of_reference_uid
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
     ds.StructureSetLabel = "sarcoma_jax"
     ds.StructureSetDate = now.strftime("%Y%m%d")
     ds.StructureSetTime = now.strftime("%H%M%S")

@@ -17,6 +17,9 @@ even-odd fill. Per series (one row per patient and series):
                    the model-grid prediction against the nearest-neighbour resized truth)
   f1_results_json  that patient's mean per-slice test F1 in the run's results.json, when the
                    patient was in its test split (else None)
+  slices_predicted, slices_true   slices with predicted / true tumour (of `slices`): a model
+                   trained on tumour slices only (the default) has never seen a slice without
+                   tumour, which the 3D scores show and the per-slice F1 does not
 Outputs: O/evaluation.json {"per_patient": [...], "summary": {checkpoint: {...}}, "model": ...},
 O/evaluation.md, O/evaluation_boxplot.png and O/overlays/<checkpoint>/<series>.png (prediction red,
 truth orange).
@@ -24,6 +27,7 @@ truth orange).
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -36,13 +40,11 @@ import medpy.metric.binary
 import numpy as np
 from absl import app, flags
 
-from data_pipeline import dicom_io, ingest, rtstruct
+from data_pipeline import dicom_io, ingest, rtstruct, series_finder
 from data_pipeline import preprocess as preprocess_lib
-from data_pipeline.dicom_io import Header, InputProblem, Series
-from data_pipeline.rtstruct import SeriesGeometry, StructureSet
+from data_pipeline.dicom_io import InputProblem, Series
 from sarcoma_jax import metrics, prediction_figures
 from sarcoma_jax.predict import (
-    DicomScan,
     LoadedModel,
     PredictError,
     Prediction,
@@ -52,7 +54,7 @@ from sarcoma_jax.predict import (
     load_model,
     quiet_libraries,
     require_flags,
-    scan_dicom_dir,
+    scan_folder,
     series_folder_name,
     slice_thickness_mm,
     volume_ml,
@@ -71,6 +73,8 @@ ROW_KEYS = (
     "roi_name",
     "linked_by",
     "slices",
+    "slices_predicted",
+    "slices_true",
 )
 
 
@@ -98,7 +102,16 @@ def hd95_mm(prediction: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[floa
     """
     if not np.any(prediction) or not np.any(truth):
         return None
-    return float(medpy.metric.binary.hd95(prediction, truth, voxelspacing=tuple(spacing_mm)))
+    # Both masks within one voxel of margin: the same surfaces and distances as the whole volume
+    # (a mask that touches the volume's edge touches the crop's there too), at a fraction of the
+    # distance transform's cost.
+    union = np.argwhere(prediction | truth)
+    low = np.maximum(union.min(axis=0) - 1, 0)
+    high = np.minimum(union.max(axis=0) + 2, prediction.shape)
+    crop = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
+    return float(
+        medpy.metric.binary.hd95(prediction[crop], truth[crop], voxelspacing=tuple(spacing_mm))
+    )
 
 
 def training_resolution_f1(
@@ -117,63 +130,6 @@ def training_resolution_f1(
     small_truth = np.stack([preprocess_lib.resize_nearest(truth[k], size) for k in chosen])
     small_prediction = prediction.model_probabilities[chosen] >= prediction.threshold
     return float(np.mean(metrics.dice_per_image(small_prediction, small_truth)))
-
-
-def _geometry(headers: Sequence[Header]) -> SeriesGeometry | None:
-    """A series' geometry from its headers (None when its slices mix orientations)."""
-    orientations = {tuple(np.round(h.orientation, 3)) for h in headers}
-    if len(orientations) > 1:
-        return None
-    normal = dicom_io.slice_normal(headers[0].orientation)
-    return SeriesGeometry(
-        series_instance_uid=headers[0].series_instance_uid,
-        frame_of_reference_uid=headers[0].frame_of_reference_uid,
-        orientation=np.asarray(headers[0].orientation),
-        slice_coords=np.sort(np.array([h.position for h in headers]) @ normal),
-        sop_instance_uids=frozenset(h.sop_instance_uid for h in headers),
-    )
-
-
-def link_truths(
-    scan: DicomScan, roi_patterns: Sequence[str], log: Callable[[str], None]
-) -> dict[str, tuple[StructureSet, str, str]]:
-    """Series UID -> (structure set, ROI name, how linked) as the ingest links RTSTRUCTs.
-
-    Each RTSTRUCT (in path order) is linked among the image series of its patient; an unreadable
-    one, one without a matching ROI, one that fits no series or a second one for a series is
-    reported in one line and skipped.
-    """
-    geometries = {uid: g for uid, h in scan.images.items() if (g := _geometry(h)) is not None}
-    linked: dict[str, tuple[StructureSet, str, str]] = {}
-    for header in sorted(scan.rtstructs, key=lambda h: h.path):
-        where = scan.relative(header.path)
-        try:
-            structure = rtstruct.read_rtstruct(header.path)
-        except InputProblem as problem:
-            log(f"{where}: {problem.reason}; skipped")
-            continue
-        roi_name = rtstruct.select_rois(list(structure.rois), roi_patterns)
-        if roi_name is None or not structure.rois[roi_name]:
-            log(f"{where}: no contoured ROI matches {list(roi_patterns)}; skipped")
-            continue
-        candidates = [
-            g
-            for uid, g in geometries.items()
-            if scan.images[uid][0].patient_id == header.patient_id
-        ]
-        try:
-            geometry, how, warnings = rtstruct.link_rtstruct(structure, candidates)
-        except InputProblem as problem:
-            log(f"{where}: {problem.reason}; skipped")
-            continue
-        for warning in warnings:
-            log(warning.replace(header.path, where))
-        uid = geometry.series_instance_uid
-        if uid in linked:
-            log(f"{where}: a second RTSTRUCT for a series already contoured; skipped")
-            continue
-        linked[uid] = (structure, roi_name, how)
-    return linked
 
 
 def evaluate_dicom_dir(
@@ -200,8 +156,8 @@ def evaluate_dicom_dir(
         raise PredictError(f"{workdir}: no checkpoints")
     models = [load_model(workdir, name) for name in names]
     domain = models[0].domain
-    scan = scan_dicom_dir(dicom_dir, log)
-    truths = link_truths(scan, roi_patterns, log)
+    scan = scan_folder(dicom_dir, log)
+    truths = series_finder.link_rtstructs(scan, roi_patterns, log)
     chosen = [h for h in scan.series_of(domain) if h[0].series_instance_uid in truths]
     if not chosen:
         raise PredictError(
@@ -268,6 +224,28 @@ def evaluate_dicom_dir(
     return evaluation
 
 
+def _scored_test(model: LoadedModel) -> Mapping[str, Any]:
+    """What the run's results.json says of this checkpoint on its test split ({} if nothing)."""
+    if model.kind == "segmentation":
+        return model.results if model.checkpoint == "best" else {}
+    return model.results.get("criteria", {}).get(model.checkpoint, {})
+
+
+def results_test_f1(model: LoadedModel) -> float | None:
+    """The run's test F1 for this checkpoint (results.json), when recorded."""
+    f1 = _scored_test(model).get("test", {}).get("f1")
+    return None if f1 is None else float(f1)
+
+
+def results_test_f1_per_patient(model: LoadedModel) -> dict[str, float]:
+    """Mean per-slice test F1 of each test patient in results.json (this checkpoint)."""
+    per_image = _scored_test(model).get("test_per_image", {})
+    scores = collections.defaultdict(list)
+    for key, f1 in zip(per_image.get("patient_key", []), per_image.get("f1", []), strict=True):
+        scores[key].append(f1)
+    return {key: float(np.mean(values)) for key, values in scores.items()}
+
+
 def _score(
     prediction: Prediction,
     truth: np.ndarray,
@@ -284,10 +262,12 @@ def _score(
         "volume_ml": volume_ml(mask, series, thickness),
         "volume_true_ml": volume_ml(truth, series, thickness),
         "f1": training_resolution_f1(prediction, truth, model.tumour_only),
-        "f1_results_json": model.results_test_f1_per_patient().get(
+        "f1_results_json": results_test_f1_per_patient(model).get(
             ingest.patient_key(series.patient_id, None)
         ),
         "slices": int(mask.shape[0]),
+        "slices_predicted": int(np.count_nonzero(mask.any(axis=(1, 2)))),
+        "slices_true": int(np.count_nonzero(truth.any(axis=(1, 2)))),
     }
 
 
@@ -322,7 +302,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], model: LoadedModel) -> dict[str
         "hd95_undefined": sum(row["hd95_mm"] is None for row in mine),
         "volume_error_ml": _stats(volume_errors),
         "f1": _stats([row["f1"] for row in mine]),
-        "results_json_test_f1": model.results_test_f1,
+        "results_json_test_f1": results_test_f1(model),
     }
 
 
@@ -358,15 +338,17 @@ def render_markdown(evaluation: Mapping[str, Any]) -> str:
     lines += [
         "",
         "| checkpoint | patient | Dice 3D | HD95 mm | volume ml | true ml | f1 | f1 (results.json) "
-        "| ROI | linked by |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| slices with tumour: predicted / true / all | ROI | linked by |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in evaluation["per_patient"]:
         lines.append(
             f"| {row['checkpoint']} | {row['patient_key']} | {_cell(row['dice_3d'])} "
             f"| {_cell(row['hd95_mm'], 1)} | {_cell(row['volume_ml'], 1)} "
             f"| {_cell(row['volume_true_ml'], 1)} | {_cell(row['f1'])} "
-            f"| {_cell(row['f1_results_json'])} | {row['roi_name']} | {row['linked_by']} |"
+            f"| {_cell(row['f1_results_json'])} "
+            f"| {row['slices_predicted']} / {row['slices_true']} / {row['slices']} "
+            f"| {row['roi_name']} | {row['linked_by']} |"
         )
     return "\n".join(lines) + "\n"
 

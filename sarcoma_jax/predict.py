@@ -18,7 +18,6 @@ is skipped and the others are still written.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -41,8 +40,9 @@ from absl import app, flags, logging
 from data_pipeline import dicom_io, ingest, nifti_writer, rtstruct_writer, seg_writer
 from data_pipeline import preprocess as preprocess_lib
 from data_pipeline.datasets import DatasetError, canonical_domain
-from data_pipeline.dicom_io import Header, InputProblem, Series
-from data_pipeline.vocabulary import IMAGE_MODALITIES, MR_SEQUENCES
+from data_pipeline.dicom_io import InputProblem, Series
+from data_pipeline.series_finder import DicomScan, scan_dicom_dir, series_domain
+from data_pipeline.vocabulary import MR_SEQUENCES
 from sarcoma_jax import models, prediction_figures, provenance, train_adda
 
 # The ADDA stopping criterion whose target map predicts when --checkpoint is not given. The
@@ -97,28 +97,6 @@ class LoadedModel:
     tumour_only: bool
     training_commit: str | None
     results: Mapping[str, Any]
-
-    @property
-    def results_test_f1(self) -> float | None:
-        """The run's test F1 (results.json) for this checkpoint, when recorded."""
-        if self.kind == "segmentation":
-            scored = self.results.get("test", {}) if self.checkpoint == "best" else {}
-        else:
-            scored = self.results.get("criteria", {}).get(self.checkpoint, {}).get("test", {})
-        f1 = scored.get("f1")
-        return None if f1 is None else float(f1)
-
-    def results_test_f1_per_patient(self) -> dict[str, float]:
-        """Mean per-slice test F1 of each test patient in results.json (this checkpoint)."""
-        if self.kind == "segmentation":
-            per_image = self.results.get("test_per_image", {}) if self.checkpoint == "best" else {}
-        else:
-            criterion = self.results.get("criteria", {}).get(self.checkpoint, {})
-            per_image = criterion.get("test_per_image", {})
-        scores = collections.defaultdict(list)
-        for key, f1 in zip(per_image.get("patient_key", []), per_image.get("f1", []), strict=True):
-            scores[key].append(f1)
-        return {key: float(np.mean(values)) for key, values in scores.items()}
 
     def algorithm(self, threshold: float) -> seg_writer.Algorithm:
         """The algorithm identification written into the SEG."""
@@ -298,69 +276,7 @@ def _check_fits(module: nn.Module, variables: Mapping, image_size: int, state_di
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding series.
-
-
-@dataclasses.dataclass
-class DicomScan:
-    """What a DICOM folder holds, as the ingest reads it.
-
-    Attributes:
-      images: SeriesInstanceUID -> the headers of its image files (CT, PT, MR with pixels).
-      rtstructs: the RTSTRUCT files' headers.
-      dicom_dir: the folder scanned (absolute).
-    """
-
-    images: dict[str, list[Header]]
-    rtstructs: list[Header]
-    dicom_dir: str
-
-    def domains(self) -> collections.Counter:
-        """How many series of each domain (MR of unknown sequence counted as 'MR?')."""
-        return collections.Counter(series_domain(h[0]) or "MR?" for h in self.images.values())
-
-    def series_of(self, domain: str | None) -> list[list[Header]]:
-        """The headers of each series of one domain (None: MR of unknown sequence), ordered by
-        patient and series UID."""
-        chosen = [h for h in self.images.values() if series_domain(h[0]) == domain]
-        return sorted(chosen, key=lambda h: (h[0].patient_id, h[0].series_instance_uid))
-
-    def relative(self, path: str) -> str:
-        return os.path.relpath(path, self.dicom_dir)
-
-
-def series_domain(header: Header) -> str | None:
-    """CT, PT, or the MR sequence (None for MR of unknown sequence), as the ingest classifies."""
-    return header.sequence if header.modality == "MR" else header.modality
-
-
-def scan_dicom_dir(dicom_dir: str | os.PathLike, log: Callable[[str], None]) -> DicomScan:
-    """Reads every file's header below ``dicom_dir`` (any layout) and groups the image series.
-
-    Files that cannot be read are reported (one line each, named) and skipped.
-
-    Raises:
-      PredictError: no such folder, or no files in it.
-    """
-    root = os.path.abspath(dicom_dir)
-    if not os.path.isdir(root):
-        raise PredictError(f"{dicom_dir}: no such folder")
-    files = sorted(os.path.join(r, name) for r, _, names in os.walk(root) for name in names)
-    if not files:
-        raise PredictError(f"{dicom_dir}: empty folder")
-    scan = DicomScan(collections.defaultdict(list), [], root)
-    for path in files:
-        try:
-            header = dicom_io.read_header(path)
-        except InputProblem as problem:
-            log(f"{scan.relative(path)}: {problem.reason}; skipped")
-            continue
-        if header.modality == "RTSTRUCT":
-            scan.rtstructs.append(header)
-        elif header.modality in IMAGE_MODALITIES and header.has_pixels:
-            scan.images[header.series_instance_uid].append(header)
-    scan.images = dict(scan.images)
-    return scan
+# Series and outputs.
 
 
 def series_folder_name(patient_key: str, domain: str, series_uid: str) -> str:
@@ -471,8 +387,8 @@ class Predictor:
             if count < self.batch_size and not self.model.eval_batch_stats:
                 padding = np.zeros((self.batch_size - count, *batch.shape[1:]), batch.dtype)
                 batch = np.concatenate([batch, padding])
-            outputs.append(self._probabilities(self.model.variables, batch)[:count])
-        return np.asarray(jnp.concatenate(outputs))
+            outputs.append(np.asarray(self._probabilities(self.model.variables, batch))[:count])
+        return np.concatenate(outputs)
 
     def predict(self, series: Series, threshold: float = DEFAULT_THRESHOLD) -> Prediction:
         """Predicts every slice of a series and maps the probabilities onto its grid.
@@ -495,7 +411,11 @@ class Predictor:
         full = np.empty((small.shape[0], *shape), np.float32)
         for start in range(0, small.shape[0], self.batch_size):
             chunk = small[start : start + self.batch_size]
-            full[start : start + len(chunk)] = self._upsample(row_weights, col_weights, chunk)
+            count = len(chunk)
+            if count < self.batch_size:  # one compiled shape per grid
+                padding = np.zeros((self.batch_size - count, *chunk.shape[1:]), chunk.dtype)
+                chunk = np.concatenate([chunk, padding])
+            full[start : start + count] = self._upsample(row_weights, col_weights, chunk)[:count]
         return full
 
 
@@ -628,7 +548,7 @@ def predict_dicom_dir(
     if not 0.0 < threshold < 1.0:
         raise PredictError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
     model = load_model(workdir, checkpoint)
-    scan = scan_dicom_dir(dicom_dir, log)
+    scan = scan_folder(dicom_dir, log)
     chosen = select_series(scan, model.domain, series_uid, log)
     predictor = Predictor(model, batch_size)
     out_dir = pathlib.Path(out_dir)
@@ -661,6 +581,14 @@ def predict_dicom_dir(
             + f" ({', '.join(record['files'])})"
         )
     return records, failed
+
+
+def scan_folder(dicom_dir: str | os.PathLike, log: Callable[[str], None]) -> DicomScan:
+    """``series_finder.scan_dicom_dir``, its folder problems as PredictError (they stop a run)."""
+    try:
+        return scan_dicom_dir(dicom_dir, log)
+    except InputProblem as problem:
+        raise PredictError(str(problem)) from None
 
 
 def select_series(

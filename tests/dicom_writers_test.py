@@ -6,7 +6,8 @@ hole, two islands, an island inside a hole, a region touching the image border) 
 writer and back through an independent reader: highdicom for the SEG (exact), our ingest's
 load_rtstruct_masks for the RTSTRUCT (Dice >= 0.98; in fact exact), nibabel for the NIfTI (voxels
 and the affine against the DICOM formula written out here), and dcmqi's segimage2itkimage (the
-converter 3D Slicer uses) for the SEG's geometry in world coordinates.
+converter 3D Slicer uses) for the SEG's geometry in world coordinates. Where dicom3tools is
+installed (apt-get install dicom3tools), its IOD validator dciodvfy checks both DICOM objects.
 """
 
 import json
@@ -284,6 +285,25 @@ class WritersRoundTripTest(parameterized.TestCase):
         found = np.zeros_like(masks)
         found[k, row, col] = True
         np.testing.assert_array_equal(found, masks)
+
+    @parameterized.parameters("oblique", "sagittal")
+    def test_dciodvfy_finds_no_errors_in_either_object(self, name):
+        validator = shutil.which("dciodvfy")
+        if validator is None:
+            self.skipTest("dicom3tools' dciodvfy is not installed (apt-get install dicom3tools)")
+        series, masks = self.load(name)
+        seg_writer.write_seg(headers(series), masks, self.folder / "seg.dcm", ALGORITHM)
+        rtstruct_writer.write_rtstruct(
+            series, headers(series), masks.astype(float), 0.5, self.folder / "rt.dcm"
+        )
+        for file, iod in (("seg.dcm", "Segmentation"), ("rt.dcm", "RTStructureSet")):
+            result = subprocess.run(
+                [validator, str(self.folder / file)], capture_output=True, text=True
+            )
+            report = result.stdout + result.stderr
+            self.assertIn(iod, report)
+            self.assertNotIn("Error", report, report)
+            self.assertNotIn("Warning", report, report)
 
     def test_rtstruct_of_a_probability_map_matches_its_threshold(self):
         orientation, spacing, rows, cols, descending = GEOMETRIES["oblique"]

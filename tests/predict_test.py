@@ -18,7 +18,7 @@ import scipy.spatial
 from absl.testing import absltest
 from scipy import ndimage
 
-from data_pipeline import dicom_io, nifti_writer, phantom, rtstruct
+from data_pipeline import dicom_io, nifti_writer, phantom, rtstruct, series_finder
 from data_pipeline import preprocess as preprocess_lib
 from sarcoma_jax import evaluate, predict, train_segment
 
@@ -111,7 +111,7 @@ class PredictEndToEndTest(absltest.TestCase):
         folder = self.out / predict.series_folder_name(
             record["patient_key"], "CT", record["series_uid"]
         )
-        scan = predict.scan_dicom_dir(self.dicom, log=lambda line: None)
+        scan = series_finder.scan_dicom_dir(self.dicom, log=lambda line: None)
         series = dicom_io.load_series_from_headers(scan.images[record["series_uid"]])
         image = nibabel.load(folder / "mask.nii.gz")
         mask = np.transpose(np.asarray(image.dataobj), (2, 1, 0)).astype(bool)
@@ -140,7 +140,7 @@ class PredictEndToEndTest(absltest.TestCase):
 
     def test_slices_are_preprocessed_and_predicted_as_in_training(self):
         model = predict.load_model(self.workdir)
-        scan = predict.scan_dicom_dir(self.dicom, log=lambda line: None)
+        scan = series_finder.scan_dicom_dir(self.dicom, log=lambda line: None)
         series = dicom_io.load_series_from_headers(predict.select_series(scan, "CT")[0])
         prediction = predict.Predictor(model, batch_size=3).predict(series)
         # The training path for one slice: preprocess() as load_arrays calls it, then the model.
@@ -348,10 +348,9 @@ class MetricsTest(absltest.TestCase):
     def test_hd95_equals_a_brute_force_surface_distance(self):
         rng = np.random.default_rng(1)
         spacing = np.array([2.5, 0.8, 1.1])
-        masks = [
-            ndimage.gaussian_filter(rng.random((10, 30, 30)), 2.0) > 0.5 + 0.01 * i
-            for i in range(2)
-        ]
+        masks = [np.zeros((12, 40, 40), bool) for _ in range(2)]
+        for i, mask in enumerate(masks):  # in a corner of the volume, one touching its edge
+            mask[i:9, 3:30, :25] = ndimage.gaussian_filter(rng.random((9 - i, 27, 25)), 2) > 0.5
         structure = ndimage.generate_binary_structure(3, 1)
 
         def surface_mm(mask):
