@@ -15,12 +15,17 @@ SHARED = pathlib.Path(
         "SARCOMA_JAX_SHARED", pathlib.Path(__file__).resolve().parents[1] / ".." / "shared"
     )
 )
-# What each notebook needs beyond the package (03 runs on the shared real data, or a download).
-NEEDS = {"03_real_data.ipynb": SHARED / "data" / "sts_ibsi" / "dicom"}
+# What each notebook needs beyond the package (03 and 04 run on the shared real data; 03 also
+# on a download).
+NEEDS = {
+    "03_real_data.ipynb": SHARED / "data" / "sts_ibsi" / "dicom",
+    "04_predict.ipynb": SHARED / "data" / "sts_ibsi" / "dicom",
+}
 NOTEBOOKS = (
     "01_quickstart.ipynb",
     "02_momentum_reset_and_confusion.ipynb",
     "03_real_data.ipynb",
+    "04_predict.ipynb",
 )
 
 

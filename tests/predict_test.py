@@ -149,6 +149,12 @@ class PredictEndToEndTest(absltest.TestCase):
         np.testing.assert_allclose(
             prediction.model_probabilities[5], jax.nn.sigmoid(logits)[0, ..., 0], atol=1e-6
         )
+        # Back on the series' grid, each pixel the model saw keeps the model's probability.
+        rows = preprocess_lib.nearest_indices(series.pixels.shape[1], 16)
+        cols = preprocess_lib.nearest_indices(series.pixels.shape[2], 16)
+        np.testing.assert_allclose(
+            prediction.probabilities[:, rows][:, :, cols], prediction.model_probabilities, atol=1e-6
+        )
         self.assertEqual(prediction.probabilities.shape, series.pixels.shape)
         self.assertEqual(len(prediction.model_probabilities), len(series.pixels))  # every slice
 
