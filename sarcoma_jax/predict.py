@@ -483,6 +483,8 @@ def write_outputs(
         warning = nifti_writer.write_nifti(
             mask, series, folder / OUTPUT_FILES["nifti"], thickness or 1.0
         )
+        if thickness is None:
+            warning = "one slice without SliceThickness: the slice step is set to 1 mm"
         if warning:
             warnings.append(f"{OUTPUT_FILES['nifti']}: {warning}")
         files["nifti"] = OUTPUT_FILES["nifti"]

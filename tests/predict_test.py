@@ -228,6 +228,48 @@ class PredictEndToEndTest(absltest.TestCase):
         with self.assertRaisesRegex(predict.PredictError, "not a checkpoint of this adda run"):
             predict.load_model(adda, "best")
 
+    def test_one_series_by_uid_and_option_problems(self):
+        record = self.records[0]
+        records, failed = predict.predict_dicom_dir(
+            self.workdir,
+            self.dicom,
+            self.tmp / "one",
+            series_uid=record["series_uid"],
+            formats=["nifti"],
+            log=lambda line: None,
+        )
+        self.assertEqual((failed, [r["series_uid"] for r in records]), (0, [record["series_uid"]]))
+        scan = series_finder.scan_dicom_dir(self.dicom)
+        (pet, *_) = scan.series_of("PT")
+        cases = {
+            "is PT, the model segments CT": {"series_uid": pet[0].series_instance_uid},
+            "no image series with UID 1.2.3": {"series_uid": "1.2.3"},
+            "--threshold must lie strictly between 0 and 1": {"threshold": 1.5},
+            "--formats: use some of seg,rtstruct,nifti,png": {"formats": ["dicom"]},
+        }
+        for message, options in cases.items():
+            with self.assertRaisesRegex(predict.PredictError, message):
+                predict.predict_dicom_dir(self.workdir, self.dicom, self.tmp / "x", **options)
+        self.assertFalse((self.tmp / "x").exists())
+
+    def test_evaluate_every_reached_criterion_of_an_adda_run(self):
+        adda = self.make_adda_workdir(self.tmp / "adda_all", reached=("confusion", "latest"))
+        evaluation = evaluate.evaluate_dicom_dir(
+            adda, self.dicom, self.tmp / "adda_evaluated", checkpoint="all", log=lambda line: None
+        )
+        self.assertEqual(list(evaluation["summary"]), ["confusion", "latest"])
+        rows = evaluation["per_patient"]
+        self.assertEqual(len(rows), 2 * PATIENTS)
+        self.assertEqual({row["roi_name"] for row in rows}, {"GTV_Mass"})
+        self.assertEqual(evaluation["summary"]["latest"]["results_json_test_f1"], 0.5)
+        self.assertEqual(evaluation["model"]["domain"], "PT")
+        # Both criteria hold the same variables here: the same scores.
+        by_checkpoint = {
+            name: [row["dice_3d"] for row in rows if row["checkpoint"] == name]
+            for name in ("confusion", "latest")
+        }
+        self.assertEqual(by_checkpoint["confusion"], by_checkpoint["latest"])
+
     def test_workdir_problems_are_one_line_errors(self):
         no_checkpoint = self.tmp / "no_checkpoint"
         no_checkpoint.mkdir()
