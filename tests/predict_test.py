@@ -323,12 +323,8 @@ class PredictEndToEndTest(absltest.TestCase):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, target)
         adda = self.make_adda_workdir(self.tmp / "adda_cli", reached=("latest",))
-        no_checkpoint = self.tmp / "cli_no_checkpoint"
-        no_checkpoint.mkdir()
-        shutil.copy(self.workdir / "config.json", no_checkpoint)
-        cases = [
+        cases = [  # a workdir without a checkpoint: test_workdir_problems_are_one_line_errors
             (self.workdir, pet_only, "no CT series (image series found: PT x4)"),
-            (no_checkpoint, self.dicom, "no checkpoint in checkpoints/best"),
             (adda, self.dicom, "stopping criterion 'confusion' was not reached"),
         ]
         for workdir, dicom_dir, message in cases:
