@@ -30,7 +30,6 @@ NOTEBOOKS = (
 
 
 class NotebooksTest(parameterized.TestCase):
-
     @parameterized.parameters(*NOTEBOOKS)
     def test_runs_top_to_bottom_with_smoke_settings(self, name):
         if name in NEEDS and not NEEDS[name].is_dir():
@@ -47,7 +46,9 @@ class NotebooksTest(parameterized.TestCase):
         os.environ.update(environment)  # the kernel inherits the environment
         try:
             client = NotebookClient(
-                notebook, timeout=600, kernel_name="python3",
+                notebook,
+                timeout=600,
+                kernel_name="python3",
                 resources={"metadata": {"path": work}},  # run from an empty folder
             )
             client.execute()  # raises CellExecutionError, with the cell, on any error
@@ -57,8 +58,9 @@ class NotebooksTest(parameterized.TestCase):
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-        outputs = [output for cell in notebook.cells if cell.cell_type == "code"
-                   for output in cell.outputs]
+        outputs = [
+            output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+        ]
         self.assertTrue(any("image/png" in output.get("data", {}) for output in outputs), name)
 
     @parameterized.parameters(*NOTEBOOKS)
