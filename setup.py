@@ -9,11 +9,14 @@ INSTALL_REQUIRES = [
     "etils[epath]",
     "flax",
     "grain",
+    "highdicom",  # DICOM-SEG of predictions (sarcoma_jax.predict)
     "isal",  # python-isal: ISA-L deflate for the slice .npz files, 5x zlib at level 1
     "importlib_resources",  # etils needs it for tfds and tfds does not pull it in.
     "jax",
     "matplotlib",
+    "medpy",  # HD95 of sarcoma_jax.evaluate (surface distances)
     "ml_collections",
+    "nibabel",  # NIfTI masks of predictions
     "numpy",
     "optax",
     "orbax-checkpoint",
@@ -47,6 +50,7 @@ setuptools.setup(
             "ipykernel",
             "pandas",
             "ruff",
+            "dcmqi",  # segimage2itkimage (3D Slicer's SEG converter) reads our SEGs in a test
         ],
         "bench": ["torch==2.13.0"],
         "notebooks": ["pandas", "ipython"],  # colab/*.ipynb (Colab has both already)

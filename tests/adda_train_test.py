@@ -697,7 +697,7 @@ class PhantomSegmentationTest(absltest.TestCase):
             workdir = pathlib.Path(tmp) / "seeds"
             summary = adda_train.train_and_evaluate(config, workdir)
             self.assertEqual(sorted(summary["seeds"]), ["3", "4"])
-            # One vmapped segmentation run trained both source maps (train_segment num_seeds).
+            # One vmapped segmentation run trained both source maps (segment/train.py, num_seeds).
             source_config = json.loads((workdir / "source" / "config.json").read_text())
             self.assertEqual((source_config["seed"], source_config["num_seeds"]), (3, 2))
             for seed in (3, 4):

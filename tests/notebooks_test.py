@@ -15,17 +15,21 @@ SHARED = pathlib.Path(
         "SARCOMA_JAX_SHARED", pathlib.Path(__file__).resolve().parents[1] / ".." / "shared"
     )
 )
-# What each notebook needs beyond the package (03 runs on the shared real data, or a download).
-NEEDS = {"03_real_data.ipynb": SHARED / "data" / "sts_ibsi" / "dicom"}
+# What each notebook needs beyond the package (03 and 04 run on the shared real data; 03 also
+# on a download).
+NEEDS = {
+    "03_real_data.ipynb": SHARED / "data" / "sts_ibsi" / "dicom",
+    "04_predict.ipynb": SHARED / "data" / "sts_ibsi" / "dicom",
+}
 NOTEBOOKS = (
     "01_quickstart.ipynb",
     "02_momentum_reset_and_confusion.ipynb",
     "03_real_data.ipynb",
+    "04_predict.ipynb",
 )
 
 
 class NotebooksTest(parameterized.TestCase):
-
     @parameterized.parameters(*NOTEBOOKS)
     def test_runs_top_to_bottom_with_smoke_settings(self, name):
         if name in NEEDS and not NEEDS[name].is_dir():
@@ -42,7 +46,9 @@ class NotebooksTest(parameterized.TestCase):
         os.environ.update(environment)  # the kernel inherits the environment
         try:
             client = NotebookClient(
-                notebook, timeout=600, kernel_name="python3",
+                notebook,
+                timeout=600,
+                kernel_name="python3",
                 resources={"metadata": {"path": work}},  # run from an empty folder
             )
             client.execute()  # raises CellExecutionError, with the cell, on any error
@@ -52,8 +58,9 @@ class NotebooksTest(parameterized.TestCase):
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-        outputs = [output for cell in notebook.cells if cell.cell_type == "code"
-                   for output in cell.outputs]
+        outputs = [
+            output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+        ]
         self.assertTrue(any("image/png" in output.get("data", {}) for output in outputs), name)
 
     @parameterized.parameters(*NOTEBOOKS)

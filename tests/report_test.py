@@ -62,7 +62,7 @@ def _metrics(f1: float, accuracy: float, auc: float, zero_ratio: float = 0.95) -
 
 
 def segmentation_workdir(root, name, modality, seed, test, baseline_f1, num_epochs=3):
-    """A segmentation workdir (layout of train_segment.train_and_evaluate)."""
+    """A segmentation workdir (layout of segment/train.py)."""
     config = {
         "experiment": "segment",
         "seed": seed,
