@@ -6,6 +6,8 @@ Layout of an index directory O:
     O/slices/<series_key>/<slice_index:04d>.npz   image float32 (R, C) physical units,
                                                   mask bool (R, C)
 
+index.sqlite's fold_splits table holds the cross-validation folds (data_pipeline.splits).
+
 IndexWriter stages everything in O/.partial-<pid>-<random>/ and commit() moves it in: the old
 index.sqlite is removed first and the new one moved in last, so an interrupted run leaves either the
 old index or none (Index(O) then raises IndexNotFoundError), never a half-written one.
@@ -35,7 +37,7 @@ from data_pipeline.vocabulary import IMAGE_MODALITIES as MODALITIES
 
 INDEX_FILENAME = "index.sqlite"
 SLICES_DIRNAME = "slices"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the fold_splits table
 LINKED_BY = ("series_uid", "contour_images", "geometry")
 # Deflate level 1: about 9x faster than numpy's default (6) on CT slices for ~5% larger files.
 # Done with ISA-L (python-isal), which deflates a 512x512 int16 slice 5x faster than zlib at the
@@ -65,6 +67,10 @@ CREATE TABLE slices (
   tumor_pixels INTEGER NOT NULL, split TEXT NOT NULL, path TEXT NOT NULL,
   PRIMARY KEY (series_key, slice_index));
 CREATE TABLE warnings (path TEXT, message TEXT NOT NULL);
+CREATE TABLE fold_splits (
+  num_folds INTEGER NOT NULL, fold INTEGER NOT NULL,
+  patient_key TEXT NOT NULL REFERENCES patients(patient_key), split TEXT NOT NULL,
+  PRIMARY KEY (num_folds, fold, patient_key));
 CREATE INDEX series_modality ON series (modality, sequence);
 CREATE INDEX series_patient ON series (patient_key);
 CREATE INDEX slices_split ON slices (split);
@@ -254,6 +260,7 @@ class IndexWriter:
         self._rois: list[tuple] = []
         self._slices: dict[tuple[str, int], dict] = {}
         self._warnings: list[tuple] = []
+        self._fold_draws: dict[str, str] = {}
         self._closed = False
 
     def __enter__(self) -> "IndexWriter":
@@ -279,6 +286,23 @@ class IndexWriter:
         fields = {"age": _optional_float(age), "sex": sex, "site": site}
         known = self._patients.setdefault(patient_key, dict.fromkeys(fields))
         known.update({name: value for name, value in fields.items() if value is not None})
+
+    def set_fold_draw(self, patient_key: str, draw: str) -> None:
+        """Sets a patient's fold draw (`splits.fold_draw` of the seed and its raw PatientID).
+
+        Patients without one draw by their patient key, which changes with a patient salt.
+        """
+        self._check_open()
+        self._fold_draws[patient_key] = draw
+
+    def _fold_rows(self) -> list[tuple]:
+        """(num_folds, fold, patient_key, split) rows of every stored fold count."""
+        tumour_slices = dict.fromkeys(self._patients, 0)
+        for (series_key, _), row in self._slices.items():
+            tumour_slices[self._series[series_key]["patient_key"]] += int(row["tumor_pixels"] > 0)
+        draws = {key: self._fold_draws.get(key) or splits_lib.fold_draw(self.seed, key)
+                 for key in self._patients}
+        return splits_lib.fold_table(tumour_slices, draws)
 
     def add_series(self, *, series_key: str, patient_key: str, study_uid: str, series_uid: str,
                    modality: str, sequence: str | None, description: str | None,
@@ -418,6 +442,8 @@ class IndexWriter:
                       slice_relpath(series_key, index))
                      for (series_key, index), split in zip(slice_keys, slice_splits, strict=True)
                      for row in [self._slices[(series_key, index)]]])
+                connection.executemany(
+                    "INSERT INTO fold_splits VALUES (?, ?, ?, ?)", self._fold_rows())
                 connection.executemany(
                     "INSERT INTO warnings VALUES (?, ?)",
                     sorted(self._warnings, key=lambda row: (str(row[0]), row[1])))
@@ -619,6 +645,28 @@ class Index:
                 path=str(self.out_dir / row["path"]))
             for row in rows
         ]
+
+    def fold_splits(self, num_folds: int, fold: int) -> dict[str, str]:
+        """Each patient's split ('train', 'val', 'test') when fold `fold` of `num_folds` is tested.
+
+        Raises:
+          BadIndexError: an index ingested before folds were stored (ingest it again).
+          ValueError: a fold count the index does not store (splits.fold_counts of its
+            patients), or a fold outside 0..num_folds-1.
+        """
+        if not self._fetch("SELECT name FROM sqlite_master WHERE name = 'fold_splits'"):
+            raise BadIndexError(f"{self.sqlite_path} stores no cross-validation folds (ingested "
+                                "before they existed); ingest it again")
+        rows = self._fetch("SELECT fold, patient_key, split FROM fold_splits WHERE num_folds = ? "
+                           "ORDER BY patient_key", (int(num_folds),))
+        if not rows:
+            num_patients = self._fetch("SELECT count(*) FROM patients")[0][0]
+            why = "more folds than patients" if num_folds > num_patients else "too few patients"
+            raise ValueError(f"{num_folds} folds of the {num_patients} patients of {self.out_dir}: "
+                             f"{why} (stored: {splits_lib.fold_counts(num_patients)})")
+        if not 0 <= fold < num_folds:
+            raise ValueError(f"fold {fold} is not one of 0..{num_folds - 1}")
+        return {row["patient_key"]: row["split"] for row in rows if row["fold"] == fold}
 
     def patients(self) -> list[dict]:
         """Per patient: patient_key, age, sex, site, splits (sorted), n_series, n_slices."""
