@@ -1,7 +1,8 @@
 """Runs an experiment: python main.py --config=configs/segment_ct.py --workdir=runs/ct.
 
 The config's `experiment` field picks the training function; `--config.x.y=value` overrides a field;
-`--config=configs/segment_ct.py:smoke` passes 'smoke' to the config's get_config.
+`--config=configs/segment_ct.py:smoke` passes 'smoke' to the config's get_config. With
+`--config.data.num_folds=K` and no `--config.data.fold`, every fold runs (sarcoma_jax/folds.py).
 """
 
 import sys
@@ -10,7 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sarcoma_jax import input_pipeline
+from sarcoma_jax import folds, input_pipeline
 from sarcoma_jax.adda import train as adda_train
 from sarcoma_jax.segment import train as segment_train
 
@@ -24,6 +25,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 EXPERIMENTS = {
     "segment": segment_train.train_and_evaluate,
     "adda": adda_train.train_and_evaluate,
+}
+# config.experiment -> (validate_config(config), config fields a resumed run may change): what a
+# run of every fold (folds.run_all_folds) needs besides the training function.
+FOLD_CHECKS = {
+    "segment": (segment_train.validate_config, segment_train.RESUMABLE_CONFIG_CHANGES),
+    "adda": (adda_train.validate_config, adda_train.COSMETIC_CONFIG_KEYS),
 }
 
 
@@ -73,7 +80,11 @@ def main(argv):
     logging.info("config:\n%s", config)
     try:
         initialize_distributed(config)
-        EXPERIMENTS[experiment](config, FLAGS.workdir)
+        if folds.runs_all_folds(config):
+            validate, resumable = FOLD_CHECKS[experiment]
+            folds.run_all_folds(config, FLAGS.workdir, EXPERIMENTS[experiment], validate, resumable)
+        else:
+            EXPERIMENTS[experiment](config, FLAGS.workdir)
     except input_pipeline.USER_ERRORS as error:
         sys.exit(f"error: {error}")
     except adda_train.NonFiniteLossError as error:  # the last good checkpoint is kept

@@ -44,6 +44,12 @@ def get_config(
     config.data.tumour_only = True  # slices that contain tumour (SPEC §2); False: all slices
     config.data.seed = 0  # splits (and the phantom); kept apart from config.seed
     config.data.split_scheme = "patient"  # 'patient' | 'thesis'
+    # Patient-level k-fold cross-validation (`patient` scheme): 0 = off; K in 2..10 with `fold`
+    # tests fold `fold` (val: 15% of all patients, drawn from the other folds; train: the rest);
+    # K without `fold`, through main.py, runs every fold into <workdir>/fold_<i>/ and pools them
+    # (sarcoma_jax/folds.py).
+    config.data.num_folds = 0
+    config.data.fold = config_dict.placeholder(int)
     config.data.phantom_patients = 12
 
     config.model = ml_collections.ConfigDict()

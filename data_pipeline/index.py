@@ -6,6 +6,8 @@ Layout of an index directory O:
     O/slices/<series_key>/<slice_index:04d>.npz   image float32 (R, C) physical units,
                                                   mask bool (R, C)  (data_pipeline.slice_store)
 
+index.sqlite's fold_splits table holds the cross-validation folds (data_pipeline.splits).
+
 data_pipeline.index_writer.IndexWriter builds one atomically: an interrupted run leaves either the
 old index or none (Index(O) then raises IndexNotFoundError), never a half-written one.
 """
@@ -21,12 +23,13 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from data_pipeline import slice_store
+from data_pipeline import splits as splits_lib
 from data_pipeline.vocabulary import DOMAIN_ALIASES, MR_SEQUENCES, SPLITS
 from data_pipeline.vocabulary import IMAGE_MODALITIES as MODALITIES
 
 INDEX_FILENAME = "index.sqlite"
 SLICES_DIRNAME = "slices"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the fold_splits table
 LINKED_BY = ("series_uid", "contour_images", "geometry")
 SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # series keys name folders
 
@@ -50,6 +53,10 @@ CREATE TABLE slices (
   tumor_pixels INTEGER NOT NULL, split TEXT NOT NULL, path TEXT NOT NULL,
   PRIMARY KEY (series_key, slice_index));
 CREATE TABLE warnings (path TEXT, message TEXT NOT NULL);
+CREATE TABLE fold_splits (
+  num_folds INTEGER NOT NULL, fold INTEGER NOT NULL,
+  patient_key TEXT NOT NULL REFERENCES patients(patient_key), split TEXT NOT NULL,
+  PRIMARY KEY (num_folds, fold, patient_key));
 CREATE INDEX series_modality ON series (modality, sequence);
 CREATE INDEX series_patient ON series (patient_key);
 CREATE INDEX slices_split ON slices (split);
@@ -288,6 +295,28 @@ class Index:
             )
             for row in rows
         ]
+
+    def fold_splits(self, num_folds: int, fold: int) -> dict[str, str]:
+        """Each patient's split ('train', 'val', 'test') when fold `fold` of `num_folds` is tested.
+
+        Raises:
+          BadIndexError: an index ingested before folds were stored (ingest it again).
+          ValueError: a fold count the index does not store (splits.fold_counts of its
+            patients), or a fold outside 0..num_folds-1.
+        """
+        if not self._fetch("SELECT name FROM sqlite_master WHERE name = 'fold_splits'"):
+            raise BadIndexError(f"{self.sqlite_path} stores no cross-validation folds (ingested "
+                                "before they existed); ingest it again")
+        rows = self._fetch("SELECT fold, patient_key, split FROM fold_splits WHERE num_folds = ? "
+                           "ORDER BY patient_key", (int(num_folds),))
+        if not rows:
+            num_patients = self._fetch("SELECT count(*) FROM patients")[0][0]
+            why = "more folds than patients" if num_folds > num_patients else "too few patients"
+            raise ValueError(f"{num_folds} folds of the {num_patients} patients of {self.out_dir}: "
+                             f"{why} (stored: {splits_lib.fold_counts(num_patients)})")
+        if not 0 <= fold < num_folds:
+            raise ValueError(f"fold {fold} is not one of 0..{num_folds - 1}")
+        return {row["patient_key"]: row["split"] for row in rows if row["fold"] == fold}
 
     def patients(self) -> list[dict]:
         """Per patient: patient_key, age, sex, site, splits (sorted), n_series, n_slices."""

@@ -140,6 +140,7 @@ class IndexWriter:
         self._rois: list[tuple] = []
         self._slices: dict[tuple[str, int], dict] = {}
         self._warnings: list[tuple] = []
+        self._fold_draws: dict[str, str] = {}
         self._closed = False
 
     def __enter__(self) -> "IndexWriter":
@@ -165,6 +166,23 @@ class IndexWriter:
         fields = {"age": _optional_float(age), "sex": sex, "site": site}
         known = self._patients.setdefault(patient_key, dict.fromkeys(fields))
         known.update({name: value for name, value in fields.items() if value is not None})
+
+    def set_fold_draw(self, patient_key: str, draw: str) -> None:
+        """Sets a patient's fold draw (`splits.fold_draw` of the seed and its raw PatientID).
+
+        Patients without one draw by their patient key, which changes with a patient salt.
+        """
+        self._check_open()
+        self._fold_draws[patient_key] = draw
+
+    def _fold_rows(self) -> list[tuple]:
+        """(num_folds, fold, patient_key, split) rows of every stored fold count."""
+        tumour_slices = dict.fromkeys(self._patients, 0)
+        for (series_key, _), row in self._slices.items():
+            tumour_slices[self._series[series_key]["patient_key"]] += int(row["tumor_pixels"] > 0)
+        draws = {key: self._fold_draws.get(key) or splits_lib.fold_draw(self.seed, key)
+                 for key in self._patients}
+        return splits_lib.fold_table(tumour_slices, draws)
 
     def add_series(
         self,
@@ -385,6 +403,9 @@ class IndexWriter:
                         for (series_key, index), split in zip(slice_keys, slice_splits, strict=True)
                         for row in [self._slices[(series_key, index)]]
                     ],
+                )
+                connection.executemany(
+                    "INSERT INTO fold_splits VALUES (?, ?, ?, ?)", self._fold_rows()
                 )
                 connection.executemany(
                     "INSERT INTO warnings VALUES (?, ?)",

@@ -32,6 +32,7 @@ from data_pipeline import clinical as clinical_lib
 from data_pipeline import dicom_rules, index_writer, slice_store
 from data_pipeline import fast_paths as fast_paths_lib
 from data_pipeline import index as index_lib
+from data_pipeline import splits as splits_lib
 from data_pipeline import workers as workers_lib
 from data_pipeline.dicom_io import (
     Header,
@@ -540,6 +541,8 @@ def _write_series(
     key = patient_key(series.patient_id, patient_salt)
     info = clinical_rows.get(series.patient_id, clinical_rows.get(key, {}))
     writer.add_patient(key, age=info.get("age"), sex=info.get("sex"), site=info.get("site"))
+    # The folds draw by the raw PatientID, so that the patient salt does not change them.
+    writer.set_fold_draw(key, splits_lib.fold_draw(writer.seed, series.patient_id))
     rows, cols = series.pixels.shape[1:]  # pixels were dropped, the shape kept
     writer.add_series(
         series_key=task.series_key,

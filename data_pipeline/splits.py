@@ -1,8 +1,9 @@
-"""Deterministic train/val/test splits from patient keys, slice positions and a seed (SPEC §2)."""
+"""Deterministic train/val/test splits and k-fold cross-validation folds from patient keys, slice
+positions and a seed (SPEC §2)."""
 
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 SCHEMES = ("patient", "thesis")
 THESIS_WITHHELD_PATIENTS = 7  # §13.3: validation and test share the same 7 patients.
@@ -110,3 +111,98 @@ def assign_slice_splits(
         withheld_slice_split(key, position_mm, seed) if key in withheld else "train"
         for key, position_mm in slices
     ]
+
+
+# Patient-level k-fold cross-validation (the `patient` scheme's folds). The index stores, for every
+# fold count K in fold_counts(n), each fold's train / val / test patients (IndexWriter).
+MAX_FOLDS = 10
+
+
+def fold_draw(seed: int, patient_id: str) -> str:
+    """A patient's seeded draw for the folds: sha256 hex of f"{seed}:fold:{patient_id}".
+
+    Computed at ingest from the raw PatientID, not from the stored patient key, so that the folds
+    do not change with the patient salt; the draw itself is never stored.
+    """
+    return hashlib.sha256(f"{seed}:fold:{patient_id}".encode()).hexdigest()
+
+
+def fold_counts(num_patients: int) -> list[int]:
+    """The fold counts K stored for n patients: 2..min(MAX_FOLDS, n), each leaving at least two
+    patients (one val, one train) outside its largest fold."""
+    return [
+        num_folds
+        for num_folds in range(2, min(MAX_FOLDS, num_patients) + 1)
+        if num_patients - math.ceil(num_patients / num_folds) >= 2
+    ]
+
+
+def assign_folds(
+    tumour_slices: Mapping[str, int], draws: Mapping[str, str], num_folds: int
+) -> dict[str, int]:
+    """Each patient's fold (0..num_folds-1), folds balanced in patients and in tumour slices.
+
+    The patients, ordered by tumour slices (most first; ties by draw), are dealt in rounds of
+    num_folds: a full round gives one patient to each fold, the round's patients in draw order to
+    folds 0, 1, ... (a seeded permutation); the last, partial round gives its patients, most
+    tumour slices first, to the folds with the fewest tumour slices so far (ties: lower fold).
+    So fold sizes differ by at most one patient, each fold holds one patient of every size band,
+    and the seed changes the partition, not only the fold numbers (a greedy "largest first into
+    the lightest fold" would balance the slices a little better but give every seed the same
+    partition).
+
+    Args:
+      tumour_slices: per patient key, its tumour slices (over all its series).
+      draws: per patient key, its `fold_draw`.
+      num_folds: K, 2 <= K <= number of patients.
+
+    Raises:
+      ValueError: K out of range, or keys that differ between the two mappings.
+    """
+    if set(tumour_slices) != set(draws):
+        raise ValueError("tumour_slices and draws must have the same patient keys")
+    if not 2 <= num_folds <= len(tumour_slices):
+        raise ValueError(f"{num_folds} folds need 2..{len(tumour_slices)} (the patients) folds")
+    ordered = sorted(tumour_slices, key=lambda key: (-tumour_slices[key], draws[key], key))
+    folds: dict[str, int] = {}
+    fold_slices = [0] * num_folds
+    num_full = len(ordered) // num_folds * num_folds
+    for start in range(0, num_full, num_folds):
+        round_keys = sorted(ordered[start : start + num_folds], key=lambda key: (draws[key], key))
+        for fold, key in enumerate(round_keys):
+            folds[key] = fold
+            fold_slices[fold] += tumour_slices[key]
+    lightest = sorted(range(num_folds), key=lambda fold: (fold_slices[fold], fold))
+    for key, fold in zip(ordered[num_full:], lightest, strict=False):
+        folds[key] = fold
+    return folds
+
+
+def fold_patient_splits(
+    folds: Mapping[str, int], draws: Mapping[str, str], fold: int
+) -> dict[str, str]:
+    """Each patient's split when `fold` is tested: its patients test, num_holdout_patients(n) of
+    the others val (at most all but one; the first by a second draw derived from `draws`, so not
+    simply the first-dealt patients), the rest train."""
+    others = sorted(
+        (key for key, patient_fold in folds.items() if patient_fold != fold),
+        key=lambda key: (hashlib.sha256(f"{draws[key]}:val".encode()).hexdigest(), key),
+    )
+    num_val = min(max(1, num_holdout_patients(len(folds))), len(others) - 1)
+    splits = {key: "test" for key, patient_fold in folds.items() if patient_fold == fold}
+    splits.update({key: "val" if rank < num_val else "train" for rank, key in enumerate(others)})
+    return splits
+
+
+def fold_table(
+    tumour_slices: Mapping[str, int], draws: Mapping[str, str]
+) -> list[tuple[int, int, str, str]]:
+    """What the index stores: (K, fold, patient key, split) for every K in fold_counts(n), every
+    fold and every patient (see assign_folds and fold_patient_splits)."""
+    rows = []
+    for num_folds in fold_counts(len(tumour_slices)):
+        folds = assign_folds(tumour_slices, draws, num_folds)
+        for fold in range(num_folds):
+            splits = fold_patient_splits(folds, draws, fold)
+            rows += [(num_folds, fold, key, splits[key]) for key in sorted(splits)]
+    return rows

@@ -30,6 +30,11 @@ class IntensityThreshold:
             self.scores(images), masks, threshold=self.score_threshold
         )
 
+    def dice_per_image(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """Each image's Dice (empty-empty = 1): the per-image values whose mean is evaluate's f1."""
+        predictions = self.scores(images) >= self.score_threshold
+        return metrics.dice_per_image(predictions, np.asarray(masks) > 0)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

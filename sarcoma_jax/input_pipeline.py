@@ -1,5 +1,6 @@
 """The one place experiments touch data: config checks, the index, a domain's splits in memory."""
 
+import dataclasses
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -8,6 +9,7 @@ import numpy as np
 
 from data_pipeline import datasets, dicom_io, loader
 from data_pipeline import index as index_lib
+from data_pipeline import splits as splits_lib
 from data_pipeline.vocabulary import SPLITS
 
 
@@ -28,15 +30,50 @@ def canonical_modality(modality: str) -> str:
         raise ConfigError(f"config.data.modality: {error}") from None
 
 
+def validate_folds(data_config: Mapping[str, Any], all_folds: bool = False) -> None:
+    """Checks `config.data.num_folds` (0: no folds) and `config.data.fold` without reading data.
+
+    Args:
+      data_config: with split_scheme and, optionally, num_folds and fold.
+      all_folds: the config of a run of every fold (main.py with num_folds and no fold); else
+        num_folds > 0 needs a fold.
+
+    Raises:
+      ConfigError: a bad fold count or fold, a fold without num_folds, folds with the `thesis`
+        split scheme.
+    """
+    num_folds, fold = data_config.get("num_folds") or 0, data_config.get("fold")
+    if not isinstance(num_folds, int) or num_folds < 0 or num_folds == 1:
+        raise ConfigError(f"config.data.num_folds must be 0 (no folds) or >= 2, got {num_folds!r}")
+    if num_folds > splits_lib.MAX_FOLDS:
+        raise ConfigError(
+            f"config.data.num_folds {num_folds} is over {splits_lib.MAX_FOLDS}, the most folds "
+            "the index stores"
+        )
+    if fold is not None and not num_folds:
+        raise ConfigError(f"config.data.fold {fold} needs config.data.num_folds (the fold count)")
+    if num_folds and data_config["split_scheme"] != "patient":
+        raise ConfigError(
+            f"config.data.num_folds needs the 'patient' split scheme, not "
+            f"{data_config['split_scheme']!r} (folds hold whole patients)"
+        )
+    if fold is None and num_folds and not all_folds:
+        raise ConfigError(
+            "config.data.fold is unset: give a fold, or run every fold with python main.py"
+        )
+    if fold is not None and (not isinstance(fold, int) or not 0 <= fold < num_folds):
+        raise ConfigError(f"config.data.fold must be one of 0..{num_folds - 1}, got {fold!r}")
+
+
 def validate_data_config(data_config: Mapping[str, Any], size_divisor: int = 1) -> None:
     """Checks a `config.data` without reading any data.
 
     Args:
-      data_config: with source, path, modality, image_size.
+      data_config: with source, path, modality, image_size (and optionally num_folds, fold).
       size_divisor: image_size must be a multiple of it (2**depth for a U-Net).
 
     Raises:
-      ConfigError: unknown source or modality, a missing data folder, a bad image size.
+      ConfigError: unknown source or modality, a missing data folder, a bad image size, bad folds.
     """
     source = data_config["source"]
     if source not in datasets.SOURCES:
@@ -58,6 +95,25 @@ def validate_data_config(data_config: Mapping[str, Any], size_divisor: int = 1) 
             f"config.data.image_size {image_size} must be a positive multiple of {size_divisor}"
             " (2**depth of the model)"
         )
+    validate_folds(data_config)
+
+
+def patient_splits(index: index_lib.Index, data_config: Mapping[str, Any]) -> dict[str, str] | None:
+    """Each patient's split under `config.data.fold` of `num_folds`; None without folds.
+
+    Raises:
+      ConfigError: the index does not store that many folds (more folds than patients), or
+        stores none (an index ingested before folds existed).
+    """
+    num_folds = data_config.get("num_folds") or 0
+    if not num_folds:
+        return None
+    try:
+        return index.fold_splits(num_folds, data_config["fold"])
+    except index_lib.BadIndexError as error:
+        raise ConfigError(f"config.data.num_folds: {error}") from None
+    except ValueError as error:
+        raise ConfigError(f"config.data.num_folds {num_folds}: {error}") from None
 
 
 def open_index(data_config: Mapping[str, Any], progress: bool = True) -> index_lib.Index:
@@ -79,17 +135,42 @@ def query_splits(
     splits: Sequence[str] = SPLITS,
     tumour_only: bool = True,
     patients: Sequence[str] | None = None,
+    fold_splits: Mapping[str, str] | None = None,
 ) -> dict[str, list]:
     """The slice records of one modality per split; every split must hold at least one slice.
+
+    Args:
+      index: the index.
+      modality: a domain name.
+      splits: the splits to query.
+      tumour_only: only slices with tumour.
+      patients: only these patients (None: all).
+      fold_splits: per patient its split (`patient_splits` of a fold), in place of the index's
+        stored splits; the records then carry these splits.
 
     Raises:
       ConfigError: a split without slices (names the modality and split).
     """
     modality = canonical_modality(modality)
-    records = {
-        split: index.query(**datasets.domain_query(modality, split, tumour_only), patients=patients)
-        for split in splits
-    }
+    if fold_splits is None:
+        records = {
+            split: index.query(
+                **datasets.domain_query(modality, split, tumour_only), patients=patients
+            )
+            for split in splits
+        }
+    else:
+        kept = set(fold_splits) if patients is None else set(fold_splits) & set(patients)
+        records = {
+            split: [
+                dataclasses.replace(record, split=split)
+                for record in index.query(
+                    **datasets.domain_query(modality, None, tumour_only),
+                    patients=sorted(key for key in kept if fold_splits[key] == split),
+                )
+            ]
+            for split in splits
+        }
     empty = [split for split, split_records in records.items() if not split_records]
     if empty:
         selection = "tumour slices" if tumour_only else "slices"
@@ -116,5 +197,10 @@ def get_datasets(
     """train / val / test arrays of `config.data.modality` (image (n, s, s, 1) float32 in [0, 1],
     mask (n, s, s, 1) uint8, patient_key (n,)); raises ConfigError when a split is empty."""
     index = open_index(data_config, progress=progress)
-    records = query_splits(index, data_config["modality"], tumour_only=data_config["tumour_only"])
+    records = query_splits(
+        index,
+        data_config["modality"],
+        tumour_only=data_config["tumour_only"],
+        fold_splits=patient_splits(index, data_config),
+    )
     return load_splits(records, data_config["image_size"], progress=progress)

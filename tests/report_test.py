@@ -592,5 +592,128 @@ class OverlayTest(absltest.TestCase):
         self.assertIn("differs from results.json", note)
 
 
+def folds_workdir(root: pathlib.Path, name: str, finished_folds: int = 2) -> pathlib.Path:
+    """A segmentation run of 2 folds x seeds 0, 1 (layout of folds.run_all_folds): fold 0 tests
+    patients a (2 images) and b, fold 1 patient c; seed s scores model F1 0.6, 0.4, 0.2 and 0.8
+    plus s / 10, the threshold 0.3 on every image; accuracy 0.9 and 0.7, AUC 0.8 and 0.6."""
+    base = {
+        "experiment": "segment",
+        "seed": 0,
+        "num_seeds": 2,
+        "num_epochs": 3,
+        "data": {
+            "source": "dicom",
+            "path": "/data/sts_ibsi/dicom",
+            "modality": "CT",
+            "seed": 0,
+            "num_folds": 2,
+            "fold": None,
+        },
+        "model": dict(TINY_UNET),
+    }
+    workdir = _write(root / name, base, None)
+    tested = {0: (["a", "a", "b"], [0.6, 0.4, 0.2], 0.9, 0.8), 1: (["c"], [0.8], 0.7, 0.6)}
+    for fold in range(finished_folds):
+        keys, f1, accuracy, auc = tested[fold]
+        fold_config = {**base, "data": {**base["data"], "fold": fold}}
+        fold_dir = _write(
+            workdir / f"fold_{fold}", fold_config, {"seed_workdirs": ["seed_0", "seed_1"]}
+        )
+        for seed in (0, 1):
+            per_image = [value + seed / 10 for value in f1]
+            results = {
+                "modality": "CT",
+                "seed": seed,
+                "test": _metrics(float(np.mean(per_image)), accuracy, auc),
+                "test_per_image": {"patient_key": keys, "f1": per_image},
+                "baseline_threshold": {
+                    "test": _metrics(0.3, 0.5, 0.5),
+                    "test_per_image": {"patient_key": keys, "f1": [0.3] * len(keys)},
+                },
+                "epochs": 3,
+                "train_wall_time_s": 10.0,
+            }
+            seed_config = {**fold_config, "seed": seed, "num_seeds": 1}
+            _write(fold_dir / f"seed_{seed}", seed_config, results)
+    return workdir
+
+
+class CrossValidatedReportTest(absltest.TestCase):
+    def test_a_folds_run_is_one_pooled_run_per_seed(self):
+        workdir = folds_workdir(_temp_dir(self), "folds")
+        runs, warnings = report_runs.load_runs([workdir])
+        self.assertEqual(warnings, [])
+        self.assertEqual([run.seed for run in runs], [0, 1])
+        for run in runs:
+            self.assertEqual([fold_run.fold for fold_run in run.fold_runs], [0, 1])
+            self.assertEqual(run.workdir, workdir)
+            self.assertIn("2 folds", run.description)
+        # Seed 0 over all 4 test images: (0.6 + 0.4 + 0.2 + 0.8) / 4; accuracy over all pixels
+        # (0.9 * 3 + 0.7) / 4; AUC the mean over folds.
+        test = runs[0].results["test"]
+        self.assertAlmostEqual(test["f1"], 0.5)
+        self.assertAlmostEqual(test["accuracy"], 0.85)
+        self.assertAlmostEqual(test["auc"], 0.7)
+        self.assertAlmostEqual(runs[1].results["test"]["f1"], 0.6)
+        self.assertEqual(runs[0].results["test_per_image"]["patient_key"], ["a", "a", "b", "c"])
+        self.assertEqual(
+            runs[0].results["cross_validation"]["patients"],
+            {
+                "a": {"fold": 0, "test_images": 2},
+                "b": {"fold": 0, "test_images": 1},
+                "c": {"fold": 1, "test_images": 1},
+            },
+        )
+
+    def test_tables_and_box_plots(self):
+        root = _temp_dir(self)
+        workdir = folds_workdir(root, "folds")
+        status, stderr = _run_main([str(workdir), "--out", str(root / "report")])
+        self.assertEqual(status, 0, stderr)
+        markdown = (root / "report" / "segmentation.md").read_text()
+        row = _table_row(markdown, "dicom:sts_ibsi/dicom", "CT", "U-Net (ours)")
+        # Pooled F1 0.5 and 0.6 over seeds; accuracy 0.85, AUC 0.7 for both.
+        self.assertEqual(row[3:7], ["2", "0.550 ± 0.071", "0.850 ± 0.000", "0.700 ± 0.000"])
+        self.assertIn("2 folds", row[8])
+        patients = (root / "report" / "patients_segmentation.md").read_text()
+        # Patient a: seed 0 (0.6 + 0.4) / 2 = 0.5, seed 1 0.6; b 0.2, 0.3; c 0.8, 0.9.
+        for key, fold, images, model in (
+            ("a", "0", "2", "0.550 ± 0.071"),
+            ("b", "0", "1", "0.250 ± 0.071"),
+            ("c", "1", "1", "0.850 ± 0.071"),
+        ):
+            self.assertEqual(
+                _table_row(patients, "dicom:sts_ibsi/dicom", "CT", key)[3:],
+                [fold, images, model, "0.300 ± 0.000"],
+            )
+        # Over patients: the seed means 0.55, 0.25, 0.85 -> 0.55 ± 0.30; over all test images
+        # the main table's figure.
+        over_patients = "all patients (± sd over patients)"
+        self.assertEqual(
+            _table_row(patients, "dicom:sts_ibsi/dicom", "CT", over_patients)[5:],
+            ["0.550 ± 0.300 (n=3)", "0.300 ± 0.000 (n=3)"],
+        )
+        over_images = "all test images (± sd over seeds)"
+        self.assertEqual(
+            _table_row(patients, "dicom:sts_ibsi/dicom", "CT", over_images)[4:],
+            ["4", "0.550 ± 0.071 (n=2)", "0.300 ± 0.000 (n=2)"],
+        )
+        figure = root / "report" / "figures" / "patients_dicom_sts_ibsi_dicom__CT.png"
+        self.assertEqual(figure.read_bytes()[:4], PNG_MAGIC)
+        self.assertIn("patients_segmentation.md", (root / "report" / "index.md").read_text())
+
+    def test_an_unfinished_fold_skips_the_folds_run(self):
+        root = _temp_dir(self)
+        workdir = folds_workdir(root, "folds", finished_folds=1)
+        other = segmentation_workdir(root, "other", "PT", 0, _metrics(0.5, 0.9, 0.9), 0.3)
+        status, stderr = _run_main([str(workdir), str(other), "--out", str(root / "report")])
+        self.assertEqual(status, 0, stderr)
+        self.assertEqual(
+            stderr.strip().splitlines(),
+            [f"warning: skipping {workdir}: fold 1 of 2 has not finished"],
+        )
+        self.assertFalse((root / "report" / "patients_segmentation.md").exists())
+
+
 if __name__ == "__main__":
     absltest.main()

@@ -178,6 +178,11 @@ class TrainSegmentTest(absltest.TestCase):
             for p, t in zip(predicted, masks, strict=True)
         ]
         self.assertAlmostEqual(results["test"]["f1"], np.mean(dice), places=12)
+        # Per test image, with its patient (what cross-validation pools per patient).
+        np.testing.assert_allclose(results["test_per_image"]["f1"], dice, rtol=0, atol=1e-12)
+        self.assertEqual(
+            results["test_per_image"]["patient_key"], splits["test"]["patient_key"].tolist()
+        )
 
     def test_resume_after_interruption_equals_uninterrupted(self):
         workdir = self.tmp / "interrupted"

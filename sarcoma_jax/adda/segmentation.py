@@ -106,9 +106,14 @@ class SegmentationTask:
     def load_data(self, config: ml_collections.ConfigDict) -> task_lib.DomainData:
         data_config = config.data
         index = input_pipeline.open_index(data_config, progress=config.progress_bar)
+        # With folds both domains take the fold's patients (the same patients, co-registered).
+        fold_splits = input_pipeline.patient_splits(index, data_config)
         records = {
             domain: input_pipeline.query_splits(
-                index, data_config[f"{domain}_modality"], tumour_only=data_config.tumour_only
+                index,
+                data_config[f"{domain}_modality"],
+                tumour_only=data_config.tumour_only,
+                fold_splits=fold_splits,
             )
             for domain in ("source", "target")
         }
@@ -174,10 +179,11 @@ class SegmentationTask:
         return metrics.segmentation_metrics(outputs, arrays["mask"], threshold=0.0)
 
     def per_image(self, outputs: np.ndarray, arrays: Mapping[str, np.ndarray]) -> dict[str, list]:
-        """Per test image F1 (Dice), for the §15-3 box plots (report.plot_da_boxplots)."""
+        """Per test image F1 (Dice) and patient key, for the §15-3 box plots
+        (report.plot_da_boxplots) and the per-patient scores of cross-validation (folds.py)."""
         # Thresholded as in `evaluate`, so that their mean is its f1.
         dice = metrics.dice_per_image(outputs >= 0.0, arrays["mask"] > 0)
-        return {"f1": dice.tolist()}
+        return {"patient_key": np.asarray(arrays["patient_key"]).tolist(), "f1": dice.tolist()}
 
     def unit_probabilities(self, outputs: np.ndarray) -> np.ndarray:
         """(pixels, 2) float64: each pixel's P(background), P(tumour) from its logit."""

@@ -64,8 +64,9 @@ NonFiniteLossError = programs.NonFiniteLossError
 ROW_COUNTERS = ("phase", "cycle", "step", "disc_steps", "target_steps")
 
 
-def validate_config(config: ml_collections.ConfigDict, task: task_lib.Task) -> None:
-    """Checks everything that can be checked without data or compute.
+def validate_config(config: ml_collections.ConfigDict, task: task_lib.Task | None = None) -> None:
+    """Checks everything that can be checked without data or compute (task: default
+    `task.get_task(config.task)`).
 
     Raises:
       ConfigError: one line saying what to change.
@@ -126,7 +127,7 @@ def validate_config(config: ml_collections.ConfigDict, task: task_lib.Task) -> N
         )
     criteria_lib.build(config)
     runtime.check_batch_split(config, len(runtime.mesh_devices(config)))
-    task.validate_config(config)
+    (task if task is not None else task_lib.get_task(config.task)).validate_config(config)
 
 
 def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:

@@ -11,6 +11,8 @@ metrics.jsonl and provenance.json, groups the runs, and writes into R:
   stopping.md / .tex           §15-7: every stopping criterion the runs have (highest peak
                                (oracle) / confusion / latest / best loss by default)
   digits.md                    §10-3
+  patients_<kind>.md / .tex    cross-validated runs only: test F1 per patient (mean ± sd over
+                               seeds), mean ± sd over patients, box plots per patient
   figures/                     §15-3 box plots, §17-1 curves per ADDA run, §15-4..6 before/after
                                overlays, a segmentation F1 box plot per modality
 
@@ -20,6 +22,12 @@ seeds and cosmetic fields (runs.IGNORED_CONFIG_KEYS) are split into variants [A]
 with the fields in which they differ (e.g. `num_epochs=10`), so runs of different budgets are never
 averaged together. Every cell is mean ± sample sd over the runs (n shown); reported numbers are on
 the test split.
+
+Seeds and folds. A `num_seeds` run counts as its seeds' runs. A run of every fold
+(`config.data.num_folds`, sarcoma_jax/folds.py) counts as one cross-validated run per seed whose
+test numbers pool its folds' (every patient tested once; AUC the mean over folds), so its rows are
+mean ± sd over seeds; the per-patient tables give the spread over patients. Its §17-1 curves are
+its folds' and its overlays show its first fold's test slices.
 
 runs.py      the runs: reading workdirs, kinds, variants
 thesis.py    the thesis' numbers, as data

@@ -124,6 +124,42 @@ def plot_segmentation_boxplot(groups: Sequence[tuple[str, list[Run]]], path: pat
     return f"F1 {unit}."
 
 
+def plot_patient_boxplot(
+    title: str,
+    patients: Sequence[tuple[str, int]],
+    columns: Sequence[tuple[str, Sequence[Mapping]]],
+    path: pathlib.Path,
+) -> str:
+    """Test F1 per patient of a cross-validated group: per patient one box per column
+    (tables.score_columns) of its per-image F1, pooled over seeds.
+
+    Args:
+      title: the figure's title.
+      patients: (patient key, fold) in the order shown.
+      columns: (label, results sections with test_per_image) as tables.score_columns gives them.
+      path: the PNG to write.
+
+    Returns:
+      The caption.
+    """
+    values: dict[tuple[str, str], list[float]] = {}
+    for label, sections in columns:
+        for section in sections:
+            per_image = section["test_per_image"]
+            for key, value in zip(per_image["patient_key"], per_image["f1"], strict=True):
+                values.setdefault((key, label), []).append(value)
+    figure = Figure(figsize=(max(7, 0.9 * len(patients) * max(1, len(columns)) / 2 + 2), 4.5))
+    axes = figure.subplots()
+    keys = [key for key, _ in patients]
+    _boxes(axes, keys, [label for label, _ in columns], values, "test F1 per image")
+    axes.set_xticks(range(len(keys)), [f"{key}\nfold {fold}" for key, fold in patients])
+    axes.tick_params(axis="x", labelsize=8)
+    axes.set_title(f"{title}; ⊗ mean, line median", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return "F1 per test image of each patient (from the fold that held it out), pooled over seeds."
+
+
 # Colours of the criteria's marks: matplotlib's tab20 without its reds and greens (the curves'
 # own colours), so that up to 16 criteria are told apart.
 CRITERION_COLOURS = tuple(

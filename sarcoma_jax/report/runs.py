@@ -1,5 +1,10 @@
-"""The runs a report reads: finished workdirs, their kind, data and subject, and their variants."""
+"""The runs a report reads: finished workdirs, their kind, data and subject, and their variants.
 
+A `num_seeds` run is read as its seeds' runs; a run of every fold (sarcoma_jax/folds.py) as one
+cross-validated run per seed, whose test results pool its folds' (each patient tested once).
+"""
+
+import copy
 import dataclasses
 import json
 import pathlib
@@ -7,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from data_pipeline import datasets
+from sarcoma_jax import folds as folds_lib
 
 IGNORED_CONFIG_KEYS = frozenset(
     {
@@ -22,6 +28,7 @@ IGNORED_CONFIG_KEYS = frozenset(
         "fused_cycles",
         "data.cache_dir",
         "data.tfds_data_dir",
+        "data.fold",
     }
 )
 
@@ -41,6 +48,8 @@ class Run:
       history: metrics.jsonl rows ([] if absent).
       variant: a letter naming its config among differing ones of its group ('' if none).
       variant_detail: the config fields in which it differs, e.g. 'num_epochs=10'.
+      fold_runs: for a cross-validated run (workdir: the folds run), this seed's run of each fold,
+        in fold order; its results pool theirs (`pool_fold_runs`).
     """
 
     workdir: pathlib.Path
@@ -51,6 +60,7 @@ class Run:
     history: list[dict]
     variant: str = ""
     variant_detail: str = ""
+    fold_runs: list["Run"] = dataclasses.field(default_factory=list)
 
     @property
     def seed(self) -> int:
@@ -93,10 +103,24 @@ class Run:
         return None
 
     @property
+    def num_folds(self) -> int:
+        """K of a cross-validated run (or of one of its folds); 0 for an ordinary run."""
+        return int(self.config.get("data", {}).get("num_folds") or 0)
+
+    @property
+    def fold(self) -> int | None:
+        return self.config.get("data", {}).get("fold")
+
+    @property
     def description(self) -> str:
-        """e.g. 'phantom CT->PT reset seed 1' ('phantom [A] ...' for a variant)."""
+        """e.g. 'phantom CT->PT reset seed 1' ('phantom [A] ...' for a variant; '... fold 2' for
+        a fold's run, '... 5 folds' for a cross-validated one)."""
         data = f"{self.data_label} [{self.variant}]" if self.variant else self.data_label
         parts = [data, self.subject, self.scheme or "", f"seed {self.seed}"]
+        if self.fold is not None:
+            parts.append(f"fold {self.fold}")
+        elif self.num_folds:
+            parts.append(f"{self.num_folds} folds")
         return " ".join(part for part in parts if part)
 
 
@@ -238,6 +262,118 @@ def _expand_seed_runs(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]
     return expanded
 
 
+def _is_folds_run(path: pathlib.Path) -> bool:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        return False
+    data = _read_json(config_path).get("data") or {}
+    return bool(data.get("num_folds")) and data.get("fold") is None
+
+
+def _pooled_section(pooled: Mapping[str, Any], sections: Sequence[Mapping[str, Any]]) -> dict:
+    """A score set of a cross-validated run shaped like one run's: test metrics pooled over the
+    folds (`folds.pool_folds`; AUC the mean over folds) and every fold's per-image scores."""
+    test = {name: pooled[name] for name in ("f1", "accuracy", "zero_ratio") if name in pooled}
+    test["auc"] = pooled["auc_fold_mean"]
+    per_image = {"patient_key": [], "f1": []}
+    for section in sections:
+        for key in per_image:
+            per_image[key] += section["test_per_image"][key]
+    return {"test": test, "test_per_image": per_image, "patient_f1": pooled["patient_f1"]}
+
+
+def pool_fold_runs(workdir: pathlib.Path, fold_runs: Sequence[Run]) -> Run:
+    """One seed's cross-validated run from its runs of every fold (in fold order).
+
+    Its results hold what a single run's do, pooled: `test` (and the threshold's, or each
+    criterion's) over every fold's test images, `test_per_image` concatenated, wall times summed;
+    `cross_validation` says how many folds and patients. Its config is fold 0's without the fold.
+
+    Raises:
+      ReportError: folds without per-image patient keys, or a patient tested in two folds.
+    """
+    first = fold_runs[0]
+    try:
+        summary = folds_lib.pool_folds({run.fold: {first.seed: run.results} for run in fold_runs})
+    except ValueError as error:
+        raise ReportError(f"{workdir}: {error}") from None
+    pooled = {name: entry["seeds"][str(first.seed)] for name, entry in summary["pooled"].items()}
+    sections = {
+        name: [folds_lib.score_sets(run.results)[name] for run in fold_runs]
+        for name, entry in pooled.items()
+        if "missing_folds" not in entry
+    }
+    results = {
+        key: value
+        for key, value in first.results.items()
+        if key in ("modality", "seed", "epochs", "pair", "scheme", "primary_metric")
+    }
+    if first.kind == "segmentation":
+        model = _pooled_section(pooled[folds_lib.MODEL], sections[folds_lib.MODEL])
+        baseline = _pooled_section(pooled[folds_lib.BASELINE], sections[folds_lib.BASELINE])
+        results.update(model, baseline_threshold=baseline)
+    else:
+        results["criteria"] = {
+            name: {
+                **{
+                    key: value
+                    for key, value in fold_runs[0].results["criteria"][name].items()
+                    if key in ("label", "oracle")
+                },
+                **_pooled_section(pooled[name], sections[name]),
+            }
+            for name in sections
+        }
+        results["criteria_not_reached"] = sorted(set(pooled) - set(sections))
+    wall_times = [run.wall_time_s for run in fold_runs]
+    if None not in wall_times:
+        results["wall_time_s"] = float(sum(wall_times))
+    results["cross_validation"] = {
+        "num_folds": len(fold_runs),
+        "patients": summary["patients"],  # key -> {"fold", "test_images"}
+        "fold_workdirs": [str(run.workdir) for run in fold_runs],
+    }
+    config = copy.deepcopy(first.config)
+    for data in (config.get("data"), (config.get("source") or {}).get("data")):
+        if isinstance(data, dict):
+            data["fold"] = None
+    return Run(
+        workdir=workdir,
+        kind=first.kind,
+        config=config,
+        results=results,
+        provenance=first.provenance,
+        history=[],
+        fold_runs=list(fold_runs),
+    )
+
+
+def _load_folds_run(workdir: pathlib.Path) -> tuple[list[Run], list[str]]:
+    """A run of every fold as one cross-validated Run per seed; skipped (with a warning) unless
+    every fold has finished."""
+    num_folds = int(_read_json(workdir / "config.json")["data"]["num_folds"])
+    by_seed: dict[int, list[Run]] = {}
+    for fold in range(num_folds):
+        fold_dir = workdir / f"{folds_lib.FOLD_DIR_PREFIX}{fold}"
+        fold_runs = (
+            [load_run(path) for path in _expand_seed_runs([fold_dir])]
+            if (fold_dir / "config.json").is_file()
+            else [None]
+        )
+        if None in fold_runs:
+            return [], [f"skipping {workdir}: fold {fold} of {num_folds} has not finished"]
+        for run in fold_runs:
+            by_seed.setdefault(run.seed, []).append(run)
+    runs = [pool_fold_runs(workdir, fold_runs) for _, fold_runs in sorted(by_seed.items())]
+    commits = {commit_of(fold_run) for run in runs for fold_run in run.fold_runs}
+    warnings = (
+        []
+        if len(commits) <= 1
+        else [f"the folds of {workdir} come from different commits: {', '.join(sorted(commits))}"]
+    )
+    return runs, warnings
+
+
 def load_runs(paths: Iterable[str | pathlib.Path]) -> tuple[list[Run], list[str]]:
     """Reads the workdirs, skipping unfinished ones, and assigns variants.
 
@@ -253,12 +389,18 @@ def load_runs(paths: Iterable[str | pathlib.Path]) -> tuple[list[Run], list[str]
             "no workdirs given; usage: python -m sarcoma_jax.report W1 W2 ... --out R"
         )
     runs, warnings = [], []
-    for path in _expand_seed_runs(paths):
-        run = load_run(path)
-        if run is None:
-            warnings.append(f"skipping {path}: no results.json (an unfinished run?)")
-        else:
-            runs.append(run)
+    for path in map(pathlib.Path, paths):
+        if _is_folds_run(path):
+            fold_runs, fold_warnings = _load_folds_run(path)
+            runs += fold_runs
+            warnings += fold_warnings
+            continue
+        for seed_path in _expand_seed_runs([path]):
+            run = load_run(seed_path)
+            if run is None:
+                warnings.append(f"skipping {seed_path}: no results.json (an unfinished run?)")
+            else:
+                runs.append(run)
     if not runs:
         raise ReportError("none of the workdirs holds a finished run (results.json)")
     assign_variants(runs)

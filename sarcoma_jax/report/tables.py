@@ -150,7 +150,13 @@ def segmentation_table(runs: Sequence[Run]) -> Table:
         n = str(len(group))
         walls = [run.wall_time_s for run in group if run.wall_time_s is not None]
         epochs = group[0].results.get("epochs", group[0].config.get("num_epochs"))
-        budget = f"{epochs} epochs" + (f", {np.mean(walls):.0f} s/run" if walls else "")
+        num_folds = group[0].num_folds
+        if num_folds:
+            budget = f"{epochs} epochs, {num_folds} folds" + (
+                f", {np.mean(walls) / num_folds:.0f} s/fold" if walls else ""
+            )
+        else:
+            budget = f"{epochs} epochs" + (f", {np.mean(walls):.0f} s/run" if walls else "")
         zero_ratios = [run.results["test"].get("zero_ratio") for run in group]
         zero_ratio = mean_sd(zero_ratios, decimals=4, show_n=False)
         rows.append(
@@ -196,7 +202,11 @@ def segmentation_table(runs: Sequence[Run]) -> Table:
             "accuracy, pixel ROC AUC; mean ± sample sd over n runs (seeds). The intensity "
             "threshold is chosen on train (no learning). Zero-ratio: fraction of zero pixels in "
             "the truth, the accuracy of predicting no tumour. The thesis' numbers are on its "
-            "validation split, whose patients were its test patients."
+            "validation split, whose patients were its test patients. Cross-validated rows "
+            "(budget 'k folds'): each seed's F1, accuracy and zero-ratio are over the test "
+            "images of every fold, so over every patient, each tested once by the fold that "
+            "held it out; its AUC is the mean over folds; ± is the sd over seeds (n). Per-patient "
+            "F1, with mean ± sd over patients: the per-patient table."
         ),
         header=header,
         rows=rows,
@@ -343,4 +353,110 @@ def stopping_table(runs: Sequence[Run]) -> Table:
         header=header,
         rows=rows,
         num_label_columns=3,
+    )
+
+
+def patient_f1(section: Mapping) -> dict[str, float]:
+    """Per patient, the mean test F1 of its images (a section with test_per_image patient keys)."""
+    per_image = section.get("test_per_image", {})
+    keys, values = per_image.get("patient_key", []), per_image.get("f1", [])
+    by_patient: dict[str, list[float]] = {}
+    for key, value in zip(keys, values, strict=True):
+        by_patient.setdefault(key, []).append(value)
+    return {key: float(np.mean(found)) for key, found in sorted(by_patient.items())}
+
+
+def score_columns(group: Sequence[Run]) -> list[tuple[str, list[Mapping]]]:
+    """What the per-patient table and box plots compare for a group: (label, one results section
+    with test_per_image per run). Segmentation: the U-Net and the intensity threshold; ADDA:
+    before DA (one run per seed) and ADDA and RESET at the recommended criterion."""
+    if group[0].kind == "segmentation":
+        return [
+            ("U-Net (ours)", [run.results for run in group]),
+            ("intensity threshold", [run.results["baseline_threshold"] for run in group]),
+        ]
+    before, after = criteria_lib.BEFORE_DA, criteria_lib.RECOMMENDED
+    one_per_seed = list({run.seed: run for run in group}.values())
+    columns = [("before DA", [run.results["criteria"].get(before) for run in one_per_seed])]
+    stop = criterion_label(group, after)
+    for scheme, runs in _by_scheme(group).items():
+        columns.append(
+            (f"{scheme.upper()} ({stop})", [run.results["criteria"].get(after) for run in runs])
+        )
+    return [(label, [section for section in sections if section]) for label, sections in columns]
+
+
+def cross_validated_groups(runs: Iterable[Run], kind: str) -> list[tuple[tuple, list[Run]]]:
+    """groups_of(runs, kind) restricted to cross-validated runs (every patient tested once)."""
+    return [(key, group) for key, group in groups_of(runs, kind) if group[0].num_folds]
+
+
+def patient_table(runs: Sequence[Run], kind: str) -> Table:
+    """Per patient of each cross-validated group of `kind`: its fold, test images and F1 per
+    column of score_columns (mean ± sd over seeds), then the mean ± sd over patients and the F1
+    over all test images (mean ± sd over seeds, as the main table)."""
+    groups = cross_validated_groups(runs, kind)
+    labels = [label for label, _ in score_columns(groups[0][1])] if groups else []
+    header = [
+        "data",
+        "modality" if kind == "segmentation" else "pair",
+        "patient",
+        "fold",
+        "test images",
+        *labels,
+    ]
+    rows = []
+    for (_, _, subject), group in groups:
+        data_label, subject_cell = data_cell(group[0]), pair_display(subject)
+        columns = score_columns(group)
+        per_patient = [[patient_f1(section) for section in sections] for _, sections in columns]
+        patients = group[0].results.get("cross_validation", {}).get("patients", {})
+        for key, info in sorted(patients.items(), key=lambda item: (item[1]["fold"], item[0])):
+            cells = [
+                mean_sd([seed[key] for seed in seeds if key in seed], decimals=3, show_n=False)
+                for seeds in per_patient
+            ]
+            rows.append(
+                [data_label, subject_cell, key, str(info["fold"]), str(info["test_images"]), *cells]
+            )
+        over_patients = [
+            mean_sd(
+                [
+                    float(np.mean([seed[key] for seed in seeds if key in seed]))
+                    for key in patients
+                    if any(key in seed for seed in seeds)
+                ],
+                decimals=3,
+                show_n=True,
+            )
+            for seeds in per_patient
+        ]
+        rows.append(
+            [data_label, subject_cell, "all patients (± sd over patients)", "", "", *over_patients]
+        )
+        over_seeds = [
+            mean_sd([section["test"]["f1"] for section in sections], decimals=3)
+            for _, sections in columns
+        ]
+        rows.append(
+            [
+                data_label,
+                subject_cell,
+                "all test images (± sd over seeds)",
+                "",
+                str(sum(info["test_images"] for info in patients.values())),
+                *over_seeds,
+            ]
+        )
+    return Table(
+        title="Per patient, cross-validated (every patient tested once)",
+        caption=(
+            "Test F1 per patient (the mean over its test images) from the fold that held it out; "
+            "mean ± sample sd over seeds. 'all patients': the mean ± sample sd over patients of "
+            "their seed-mean F1 (n: patients). 'all test images': the F1 over every test image "
+            "of every fold, mean ± sample sd over seeds (n: seeds), as in the main table."
+        ),
+        header=header,
+        rows=rows,
+        num_label_columns=5,
     )

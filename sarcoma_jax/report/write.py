@@ -89,11 +89,49 @@ def _write_segmentation(runs: Sequence[Run], out: pathlib.Path) -> None:
     )
 
 
+def _write_patients(runs: Sequence[Run], out: pathlib.Path, kind: str) -> str | None:
+    """patients_<kind>.md / .tex: the per-patient table and box plots of the cross-validated
+    groups of `kind`; returns the file name (None when there are none)."""
+    groups = tables.cross_validated_groups(runs, kind)
+    if not groups:
+        return None
+    figure_lines = []
+    for (data_label, variant, subject), group in groups:
+        label = " ".join(part for part in (tables.data_cell(group[0]), subject) if part)
+        link = f"figures/patients_{_file_name(f'{data_label}_{variant}_{subject}')}.png"
+        patients = sorted(
+            group[0].results["cross_validation"]["patients"].items(),
+            key=lambda item: (item[1]["fold"], item[0]),
+        )
+        caption = plots.plot_patient_boxplot(
+            label,
+            [(key, info["fold"]) for key, info in patients],
+            tables.score_columns(group),
+            out / link,
+        )
+        figure_lines.append(_figure_markdown(link, label, caption))
+    stem = f"patients_{kind}"
+    _write_table(
+        tables.patient_table(runs, kind),
+        [run for _, group in groups for run in group],
+        out,
+        stem,
+        "\n## Test F1 per patient\n\n" + "\n".join(figure_lines),
+    )
+    return f"{stem}.md"
+
+
 def _write_curves(
     runs: Sequence[Run], out: pathlib.Path, progress: bool, warnings: list[str]
 ) -> dict[pathlib.Path, str]:
     """§17-1 curves of every ADDA and digits run; returns workdir -> link."""
-    curve_runs = [run for run in runs if run.kind in ("adda", "digits")]
+    # A cross-validated run's curves are its folds' (one run each).
+    curve_runs = [
+        fold_run
+        for run in runs
+        if run.kind in ("adda", "digits")
+        for fold_run in (run.fold_runs or [run])
+    ]
     links = {}
     (out / "figures" / "curves").mkdir(exist_ok=True)
     for index, run in enumerate(
@@ -125,6 +163,8 @@ def _write_overlays(
     (out / "figures" / "overlays").mkdir(exist_ok=True)
     data_cache: dict[str, Any] = {}
     lines = []
+    # A cross-validated run shows its first fold's test slices.
+    lowest_seed_runs = [(run.fold_runs or [run])[0] for run in lowest_seed_runs]
     for run in tqdm.tqdm(lowest_seed_runs, desc="overlays", disable=not progress):
         if criteria_lib.RECOMMENDED not in run.results["criteria"]:
             label = criteria_lib.label(criteria_lib.RECOMMENDED)
@@ -162,6 +202,7 @@ def _write_adda(
     else:
         overlay_lines = ["- not rendered (--no-overlays)"]
     adda_runs = [run for run in runs if run.kind == "adda"]
+    curve_runs = [fold_run for run in adda_runs for fold_run in (run.fold_runs or [run])]
     before = criteria_lib.label(criteria_lib.BEFORE_DA)
     after = criteria_lib.label(criteria_lib.RECOMMENDED)
     _write_table(
@@ -183,7 +224,7 @@ def _write_adda(
         out,
         "stopping",
         f"\n## {after.capitalize()} score and losses against steps (as Figure 17-1)\n\n"
-        + _link_list(adda_runs, curve_links),
+        + _link_list(curve_runs, curve_links),
     )
 
 
@@ -299,11 +340,17 @@ def write_report(
     if "segmentation" in kinds:
         _write_segmentation(runs, out)
         sections.append(("segmentation.md", "segmentation, §15-4 / §15-5 (also .tex)"))
+        patients = _write_patients(runs, out, "segmentation")
+        if patients:
+            sections.append((patients, "segmentation per patient, cross-validated (also .tex)"))
     curve_links = _write_curves(runs, out, progress, warnings)
     if "adda" in kinds:
         _write_adda(runs, out, curve_links, overlays, overlay_slices, progress, warnings)
         sections.append(("da.md", "domain adaptation §15-6 (also .tex), box plots, overlays"))
         sections.append(("stopping.md", "stopping criteria §15-7 (also .tex), §17-1 curves"))
+        patients = _write_patients(runs, out, "adda")
+        if patients:
+            sections.append((patients, "domain adaptation per patient, cross-validated"))
     if "digits" in kinds:
         _write_digits(runs, out, curve_links)
         sections.append(("digits.md", "digits §10-3, §17-1 curves"))

@@ -181,7 +181,10 @@ def train_and_evaluate(
     # The data first: a one-line error before anything is written.
     index = input_pipeline.open_index(config.data, progress=config.progress_bar)
     records = input_pipeline.query_splits(
-        index, config.data.modality, tumour_only=config.data.tumour_only
+        index,
+        config.data.modality,
+        tumour_only=config.data.tumour_only,
+        fold_splits=input_pipeline.patient_splits(index, config.data),
     )
     workdir_lib.start(config, workdir, RESUMABLE_CONFIG_CHANGES)
     if with_seeds:
@@ -411,6 +414,10 @@ def _finish(
             **threshold_rule.to_dict(),
             "val": threshold_rule.evaluate(val_data["image"], val_data["mask"]),
             "test": threshold_rule.evaluate(test_data["image"], test_data["mask"]),
+            "test_per_image": {
+                "patient_key": test_data["patient_key"].tolist(),
+                "f1": threshold_rule.dice_per_image(test_data["image"], test_data["mask"]).tolist(),
+            },
         },
         "test_per_image": {
             "patient_key": test_data["patient_key"].tolist(),
