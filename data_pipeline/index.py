@@ -31,6 +31,9 @@ INDEX_FILENAME = "index.sqlite"
 SLICES_DIRNAME = "slices"
 SCHEMA_VERSION = 2  # 2: the fold_splits table
 LINKED_BY = ("series_uid", "contour_images", "geometry")
+# Tables added after version 1: an index without them still opens (Index.fold_splits says to
+# ingest again).
+_ADDED_TABLES = frozenset({"fold_splits"})
 SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # series keys name folders
 
 SCHEMA = """
@@ -176,6 +179,8 @@ class Index:
         except sqlite3.Error as error:
             raise BadIndexError(f"{self.sqlite_path} is not a readable index: {error}") from None
         for table, columns in _schema_columns().items():
+            if table in _ADDED_TABLES and table not in found:
+                continue  # an older index: what needs the table says to ingest again
             if table not in found:
                 raise BadIndexError(f"{self.sqlite_path} is not an index (no table {table})")
             missing = [c for c in columns if c not in found[table]]
