@@ -1,10 +1,13 @@
 """Default ADDA config (thesis §10.1, §14.3, SPEC §4) for one modality pair; pair files call it.
 
-`get_config(arg, source, target)` with arg from `--config=configs/adda_ct_pt.py:smoke`:
+`get_config(arg, source, target)` with arg from `--config=configs/adda_ct_pt.py:smoke`, variants
+separated by commas:
   ''/None  the full run: 128x128, batches 5 + 5, reference U-Net and discriminator, the pair's
            hyperparameters (PAIRS), 50 target epochs
   'smoke'  a run of about a minute on a laptop CPU: 32x32, source trained 2 epochs, a few short
            cycles, the criteria's delays scaled down
+  'strong' the source segmenter's ':strong' variant (configs/segment_base.py STRONG); the game is
+           the reference's, on the same input (its 2.5D context channels too)
 
 `--config.scheme=adda|reset` picks plain ADDA or momentum reset with the pair's schedule
 (`config.reset`). The source segmentation run is `config.source` (configs/segment_base.py; it
@@ -72,12 +75,10 @@ def get_config(
     arg: str | None = None, source: str = "CT", target: str = "PT"
 ) -> ml_collections.ConfigDict:
     """The ADDA config for source -> target (domain names as in data_pipeline.datasets)."""
-    if arg not in (None, "", "smoke"):
-        raise ValueError(f"unknown config argument {arg!r}; use ':smoke' or nothing")
-    smoke = arg == "smoke"
+    smoke = "smoke" in segment_base.parse_variants(arg)
     pair = pair_hyperparameters(source, target)
     source_config = segment_base.get_config(
-        "smoke" if smoke else None,
+        arg,
         modality=source,
         learning_rate=SOURCE_LEARNING_RATES.get(source, 1e-3),
     )

@@ -1,12 +1,40 @@
 """Default segmentation config (thesis §14.2, SPEC §3-4); per-modality files override a few fields.
 
-`get_config(arg)` takes the part after ':' in `--config=configs/segment_ct.py:smoke`:
-  ''/None  the full run: 128x128, batch 5, reference U-Net, Adam at the modality's learning rate
+`get_config(arg)` takes the part after ':' in `--config=configs/segment_ct.py:smoke`, variants
+separated by commas:
+  ''/None  the thesis' reference run: 128x128, batch 5, reference U-Net, Adam at the modality's
+           learning rate, pixel BCE, no augmentation, one slice in
   'smoke'  a run of well under two minutes on a laptop CPU: 4 phantom patients, 32x32, 2 epochs
+  'strong' the options beyond the thesis (`STRONG`): augmentation, BCE + soft Dice, 2.5D context
+  'strong,smoke'  both: the strong options at the smoke budget
 """
 
 import ml_collections
 from ml_collections import config_dict
+
+VARIANTS = ("smoke", "strong")
+
+# What ':strong' sets (issue 18). A first choice, to be confirmed by patient folds (issue 15):
+# nnU-Net's lesson that augmentation and a Dice term matter on small medical data, one neighbour
+# slice on each side as 2.5D context, at the thesis' 128x128.
+STRONG = {
+    "augment.enabled": True,
+    "loss": "bce_dice",
+    "data.context_slices": 1,
+    "data.image_size": 128,
+}
+
+
+def parse_variants(arg: str | None) -> set[str]:
+    """'strong,smoke' -> {'strong', 'smoke'}; '' / None -> set(); ValueError for an unknown one."""
+    variants = {part.strip() for part in (arg or "").split(",") if part.strip()}
+    unknown = sorted(variants - set(VARIANTS))
+    if unknown:
+        raise ValueError(
+            f"unknown config variant {unknown[0]!r}; use nothing or a comma-separated choice of "
+            f"{', '.join(VARIANTS)} (e.g. ':strong,smoke')"
+        )
+    return variants
 
 
 def get_config(
@@ -18,7 +46,7 @@ def get_config(
     """The segmentation config for one modality.
 
     Args:
-      arg: '' / None or 'smoke' (see the module docstring).
+      arg: '' / None, or comma-separated variants 'smoke', 'strong' (see the module docstring).
       modality: config.data.modality.
       learning_rate: Adam's learning rate.
       smoke_data_seed: phantom and split seed of the smoke run; with only 4 phantom patients some
@@ -51,6 +79,9 @@ def get_config(
     config.data.num_folds = 0
     config.data.fold = config_dict.placeholder(int)
     config.data.phantom_patients = 12
+    # 2.5D: k > 0 adds the k neighbouring slices of the series on each side as input channels
+    # (2k + 1 in all; the mask is the centre slice's; edge slices repeat at a series' ends).
+    config.data.context_slices = 0
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "unet"
@@ -62,6 +93,31 @@ def get_config(
     # 'bfloat16': mixed precision (bf16 convolutions and activations; f32 parameters, BN
     # statistics, logits and loss). Worth it on GPUs and TPUs; on CPUs bf16 is emulated and slower.
     config.model.compute_dtype = "float32"
+
+    # Per-image training loss (sarcoma_jax/losses.py): 'bce' (the reference: pixel BCE summed over
+    # pixels), 'dice' (1 - soft Dice) or 'bce_dice' (mean pixel BCE + 1 - soft Dice, nnU-Net's).
+    config.loss = "bce"
+
+    # Augmentation of each training batch inside the train step (sarcoma_jax/augment.py), off in
+    # the reference. Probabilities per example; lengths as fractions of the image side.
+    config.augment = ml_collections.ConfigDict()
+    config.augment.enabled = False
+    config.augment.flip_prob = 0.5  # left-right mirror
+    config.augment.rotation_prob = 0.2
+    config.augment.rotation_degrees = 15.0  # uniform in [-15, 15]
+    config.augment.scale_prob = 0.2
+    config.augment.scale_range = (0.85, 1.25)  # zoom factor, > 1 enlarges
+    config.augment.elastic_prob = 0.2
+    config.augment.elastic_sigma = 0.08  # smoothing of the displacement noise
+    config.augment.elastic_magnitude = 0.02  # root-mean-square displacement
+    config.augment.gamma_prob = 0.3
+    config.augment.gamma_range = (0.7, 1.5)
+    config.augment.intensity_scale_prob = 0.15
+    config.augment.intensity_scale_range = (0.75, 1.25)
+    config.augment.intensity_shift_prob = 0.15
+    config.augment.intensity_shift = 0.1  # uniform in [-0.1, 0.1] (images are in [0, 1])
+    config.augment.noise_prob = 0.15
+    config.augment.noise_std = 0.05  # the std itself uniform in [0, 0.05]
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = learning_rate
@@ -83,13 +139,19 @@ def get_config(
     config.num_example_slices = 4  # test slices in segmentation_examples.png
     config.baseline_num_thresholds = 101  # intensity-threshold baseline grid on [0, 1]
 
-    if arg == "smoke":
+    variants = parse_variants(arg)
+    if "strong" in variants:
+        for path, value in STRONG.items():
+            *parents, field = path.split(".")
+            node = config
+            for parent in parents:
+                node = node[parent]
+            node[field] = value
+    if "smoke" in variants:
         config.data.phantom_patients = 4
         config.data.seed = smoke_data_seed
         config.data.image_size = 32
         config.num_epochs = 2
         config.checkpoint_every_steps = 10
         config.eval_batch_size = 10
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use ':smoke' or nothing")
     return config

@@ -1,4 +1,5 @@
-"""Segmentation of CT slices (thesis §14.2: lr 1e-3); `:smoke` for a quick run."""
+"""Segmentation of CT slices (thesis §14.2: lr 1e-3); `:smoke` for a quick run, `:strong` (and
+`:strong,smoke`) for the options beyond the thesis (configs/segment_base.py)."""
 
 from configs import segment_base
 

@@ -1,4 +1,5 @@
-"""Segmentation of MR T1 slices (not in the thesis; lr as CT and PT); `:smoke` for a quick run."""
+"""Segmentation of MR T1 slices (not in the thesis; lr as CT and PT); `:smoke` for a quick run,
+`:strong` (and `:strong,smoke`) for the options beyond the thesis (configs/segment_base.py)."""
 
 from configs import segment_base
 

@@ -1,4 +1,5 @@
-"""Segmentation of T2 slices (thesis §14.2: lr 5e-4); `:smoke` for a quick run."""
+"""Segmentation of T2 slices (thesis §14.2: lr 5e-4); `:smoke` for a quick run, `:strong` (and
+`:strong,smoke`) for the options beyond the thesis (configs/segment_base.py)."""
 
 from configs import segment_base
 

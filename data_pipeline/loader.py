@@ -16,6 +16,7 @@ import grain
 import numpy as np
 import tqdm
 
+from data_pipeline import context
 from data_pipeline import preprocess as preprocess_lib
 
 BATCH_KEYS = ("image", "mask")
@@ -33,6 +34,8 @@ def load_arrays(
     records: Sequence[_Record],
     image_size: int = preprocess_lib.DEFAULT_IMAGE_SIZE,
     progress: bool = False,
+    context_slices: int = 0,
+    series: Mapping[str, Sequence[_Record]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Loads and preprocesses slices into memory, in the order of `records`.
 
@@ -41,16 +44,37 @@ def load_arrays(
             original resolution in physical units and a `.patient_key`.
         image_size: output height and width in pixels.
         progress: show a tqdm progress bar.
+        context_slices: k > 0 stacks the k neighbouring slices on each side as channels (2.5D,
+            data_pipeline/context.py: 2k + 1 channels in slice order, the slice in the middle,
+            edge slices repeated at a series' ends), each preprocessed as a slice of its own; the
+            mask is the centre slice's.
+        series: with context_slices > 0, every slice of the records' series in slice order
+            (`context.series_slices`).
 
     Returns:
-        {'image': float32 (n, image_size, image_size, 1) in [0, 1],
+        {'image': float32 (n, image_size, image_size, 2 context_slices + 1) in [0, 1],
           'mask': uint8 (n, image_size, image_size, 1) in {0, 1},
           'patient_key': str (n,)}; n may be 0.
     """
-    images = np.zeros((len(records), image_size, image_size, 1), np.float32)
+    if context_slices and series is None:
+        raise ValueError("context_slices > 0 needs the records' series (context.series_slices)")
+    channels = 2 * context_slices + 1
+    images = np.zeros((len(records), image_size, image_size, channels), np.float32)
     masks = np.zeros((len(records), image_size, image_size, 1), np.uint8)
+    # Neighbouring examples share most of their slices: each is read and preprocessed once.
+    preprocessed: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
     for i, record in enumerate(tqdm.tqdm(records, desc="slices", disable=not progress)):
-        images[i], masks[i] = preprocess_lib.preprocess(*record.load(), image_size=image_size)
+        if not context_slices:
+            images[i], masks[i] = preprocess_lib.preprocess(*record.load(), image_size=image_size)
+            continue
+        for channel, neighbour in enumerate(context.neighbours(record, series, context_slices)):
+            key = (neighbour.series_key, int(neighbour.slice_index))
+            if key not in preprocessed:
+                preprocessed[key] = preprocess_lib.preprocess(
+                    *neighbour.load(), image_size=image_size
+                )
+            images[i, ..., channel] = preprocessed[key][0][..., 0]
+        masks[i] = preprocessed[(record.series_key, int(record.slice_index))][1]
     patient_keys = np.asarray([record.patient_key for record in records], dtype=np.str_)
     return {"image": images, "mask": masks, "patient_key": patient_keys}
 

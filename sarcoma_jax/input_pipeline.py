@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline import datasets, dicom_io, loader
+from data_pipeline import context, datasets, dicom_io, loader
 from data_pipeline import index as index_lib
 from data_pipeline import splits as splits_lib
 from data_pipeline.vocabulary import SPLITS
@@ -73,7 +73,8 @@ def validate_data_config(data_config: Mapping[str, Any], size_divisor: int = 1) 
       size_divisor: image_size must be a multiple of it (2**depth for a U-Net).
 
     Raises:
-      ConfigError: unknown source or modality, a missing data folder, a bad image size, bad folds.
+      ConfigError: unknown source or modality, a missing data folder, a bad image size, bad
+        folds or a bad number of context slices.
     """
     source = data_config["source"]
     if source not in datasets.SOURCES:
@@ -94,6 +95,15 @@ def validate_data_config(data_config: Mapping[str, Any], size_divisor: int = 1) 
         raise ConfigError(
             f"config.data.image_size {image_size} must be a positive multiple of {size_divisor}"
             " (2**depth of the model)"
+        )
+    context_slices = data_config.get("context_slices", 0)
+    if (
+        isinstance(context_slices, bool)
+        or not isinstance(context_slices, int)
+        or context_slices < 0
+    ):
+        raise ConfigError(
+            f"config.data.context_slices must be an integer >= 0, got {context_slices!r}"
         )
     validate_folds(data_config)
 
@@ -182,11 +192,29 @@ def query_splits(
 
 
 def load_splits(
-    records_by_split: Mapping[str, Sequence[Any]], image_size: int, progress: bool = False
+    records_by_split: Mapping[str, Sequence[Any]],
+    image_size: int,
+    progress: bool = False,
+    context_slices: int = 0,
+    index: index_lib.Index | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Preprocesses each split's slices into memory (`data_pipeline.loader.load_arrays`)."""
+    """Preprocesses each split's slices into memory (`data_pipeline.loader.load_arrays`); with
+    `context_slices` k > 0, the k neighbours on each side in the series as channels (2.5D), found
+    in `index` (`data_pipeline.context`)."""
+    series = None
+    if context_slices:
+        if index is None:
+            raise ValueError("config.data.context_slices > 0 needs the index of the records")
+        all_records = [record for records in records_by_split.values() for record in records]
+        series = context.series_slices(index, all_records)
     return {
-        split: loader.load_arrays(records, image_size=image_size, progress=progress)
+        split: loader.load_arrays(
+            records,
+            image_size=image_size,
+            progress=progress,
+            context_slices=context_slices,
+            series=series,
+        )
         for split, records in records_by_split.items()
     }
 
@@ -203,4 +231,10 @@ def get_datasets(
         tumour_only=data_config["tumour_only"],
         fold_splits=patient_splits(index, data_config),
     )
-    return load_splits(records, data_config["image_size"], progress=progress)
+    return load_splits(
+        records,
+        data_config["image_size"],
+        progress=progress,
+        context_slices=data_config.get("context_slices", 0),
+        index=index,
+    )

@@ -133,7 +133,12 @@ class SegmentationTask:
                         "use more patients"
                     )
         arrays = {
-            domain: input_pipeline.load_splits(domain_records, data_config.image_size)
+            domain: input_pipeline.load_splits(
+                domain_records,
+                data_config.image_size,
+                context_slices=data_config.get("context_slices", 0),
+                index=index,
+            )
             for domain, domain_records in records.items()
         }
         return task_lib.DomainData(source=arrays["source"], target=arrays["target"])

@@ -13,6 +13,7 @@ import numpy as np
 import scipy.special
 from matplotlib.figure import Figure  # not pyplot: no global figure state, no display backend.
 
+from data_pipeline import context
 from sarcoma_jax import checkpoints, figures, input_pipeline, metrics, models, runtime
 from sarcoma_jax.adda import criteria as criteria_lib
 from sarcoma_jax.adda import task as task_lib
@@ -134,7 +135,7 @@ def render_overlays(
     shown = select_overlay_slices(f1_after, num_slices)
     label = criteria[after].get("label") or criteria_lib.label(after)
     plot_before_after(
-        target_test["image"][shown],
+        context.centre_channel(target_test["image"][shown]),  # the slice itself under 2.5D
         target_test["mask"][shown],
         scipy.special.expit(logits[before][shown].astype(np.float64)),
         scipy.special.expit(logits[after][shown].astype(np.float64)),

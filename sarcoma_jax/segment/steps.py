@@ -1,7 +1,8 @@
 """Supervised segmentation's pure parts (thesis §14.2): the model, its state, the jit-compiled
 steps, BatchNorm re-estimation and evaluation of a split.
 
-Read top to bottom as the flax examples: `create_model`, `create_train_state`, `train_step`,
+Read top to bottom as the flax examples: `create_model`, `create_train_state`, `train_step`
+(optionally augmenting the batch, sarcoma_jax/augment.py; the loss from sarcoma_jax/losses.py),
 `eval_step`, then what evaluation needs around them. The loop is segment/train.py.
 """
 
@@ -17,7 +18,10 @@ import scipy.special
 from flax.training import train_state
 
 from data_pipeline import loader
-from sarcoma_jax import metrics, models, runtime
+from sarcoma_jax import augment, losses, metrics, models, runtime
+
+# fold_in(step key, AUGMENT_STREAM) keys a step's augmentation; the step key itself keys dropout.
+AUGMENT_STREAM = 1
 
 
 class TrainState(train_state.TrainState):
@@ -83,25 +87,38 @@ def create_train_state(
     return jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})(rng)
 
 
-def pixel_bce_per_image(logits: jax.Array, masks: jax.Array) -> jax.Array:
-    """Sigmoid binary cross-entropy summed over pixels: (batch, h, w, 1) -> (batch,)."""
-    losses = optax.sigmoid_binary_cross_entropy(logits, masks.astype(logits.dtype))
-    return losses.reshape(losses.shape[0], -1).sum(axis=1)
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    loss: str = "bce",
+    augmentation: augment.Augmentation | None = None,
+) -> tuple[TrainState, dict]:
+    """One Adam step on the mean over the batch of a per-image loss (losses.LOSSES).
 
-
-def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
-    """One Adam step on the pixel BCE (summed over pixels, mean over the batch)."""
+    Args:
+      state: the train state.
+      batch: image and mask.
+      loss: the name of the per-image loss; 'bce' is the reference (pixel BCE summed over pixels).
+      augmentation: when given, the batch is augmented first, with a key drawn from the state's
+        rng and step (so a resumed run draws the same), apart from dropout's.
+    """
     step_rng = jax.random.fold_in(state.rng, state.step)
+    images, masks = batch["image"], batch["mask"]
+    if augmentation is not None:
+        images, masks = augment.augment_batch(
+            jax.random.fold_in(step_rng, AUGMENT_STREAM), images, masks, augmentation
+        )
+    loss_per_image = losses.per_image(loss)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
             mutable=["batch_stats"],
             rngs={"dropout": step_rng},
         )
-        return pixel_bce_per_image(logits, batch["mask"]).mean(), updates["batch_stats"]
+        return loss_per_image(logits, masks).mean(), updates["batch_stats"]
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -109,7 +126,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Train
 
 
 def eval_step(
-    state: TrainState, batch: Mapping[str, jax.Array], batch_stats_at_eval: bool = False
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    batch_stats_at_eval: bool = False,
+    loss: str = "bce",
 ) -> dict[str, jax.Array]:
     """Logits (batch, h, w, 1) and per-image loss (batch,) in evaluation mode.
 
@@ -119,13 +139,14 @@ def eval_step(
       batch_stats_at_eval: normalise with the batch's own statistics (the reference code's
         behaviour; the model must be built with eval_batch_stats=True). The default uses the
         running averages.
+      loss: the per-image loss to report (as trained with; losses.LOSSES).
     """
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     if batch_stats_at_eval:
         logits, _ = state.apply_fn(variables, batch["image"], train=False, mutable=["batch_stats"])
     else:
         logits = state.apply_fn(variables, batch["image"], train=False)
-    return {"logits": logits, "loss_per_image": pixel_bce_per_image(logits, batch["mask"])}
+    return {"logits": logits, "loss_per_image": losses.per_image(loss)(logits, batch["mask"])}
 
 
 def batch_stats_step(

@@ -9,6 +9,12 @@ F1, score it on test.
   results.json                   {"test": {...}, "val": {...}, "best_epoch": ...,
                                   "baseline_threshold": {...}, "test_per_image": {...}}
   training_curves.png, segmentation_examples.png (thesis Figure 15-2)
+  augmented_examples.png         with config.augment.enabled: what the augmentation does
+
+Options beyond the thesis' reference (off in its configs; the `:strong` variants set them):
+`config.augment` (augment.py, applied inside the jit-compiled train step), `config.loss`
+(losses.py; train and val losses are that loss) and `config.data.context_slices` (2.5D input,
+data_pipeline/context.py; figures and the threshold baseline use the centre slice).
 
 Seeds: `config.num_seeds` > 1 trains seeds config.seed, config.seed + 1, ... in one compiled step:
 the state and the batches get a leading seed axis and `train_step` is mapped over it (`seed_map`:
@@ -39,12 +45,14 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from data_pipeline import loader
+from data_pipeline import context, loader
 from sarcoma_jax import (
+    augment,
     baseline,
     checkpoints,
     figures,
     input_pipeline,
+    losses,
     metrics,
     models,
     runtime,
@@ -103,6 +111,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise error(
             f"config.optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}"
         )
+    loss = config.get("loss", "bce")
+    if loss not in losses.LOSSES:
+        raise error(f"config.loss {loss!r} is unknown; use one of {', '.join(losses.LOSSES)}")
+    try:
+        augment.Augmentation.from_config(config.get("augment"))
+    except ValueError as augment_error:
+        raise error(str(augment_error)) from None
 
 
 def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
@@ -113,9 +128,14 @@ def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.
     return single
 
 
-def _load_splits(config: ml_collections.ConfigDict, records) -> tuple[dict, dict]:
+def _load_splits(config: ml_collections.ConfigDict, index, records) -> tuple[dict, dict]:
     """The preprocessed splits, and their slice and patient counts."""
-    splits = input_pipeline.load_splits(records, config.data.image_size)
+    splits = input_pipeline.load_splits(
+        records,
+        config.data.image_size,
+        context_slices=config.data.get("context_slices", 0),
+        index=index,
+    )
     counts = {
         split: {
             "slices": int(arrays["image"].shape[0]),
@@ -134,7 +154,11 @@ def _eval_functions(
 ) -> tuple[Callable, Callable]:
     """The jit-compiled evaluation step and BatchNorm-statistics step (one seed's state)."""
     eval_fn = jax.jit(
-        functools.partial(steps.eval_step, batch_stats_at_eval=config.model.eval_batch_stats),
+        functools.partial(
+            steps.eval_step,
+            batch_stats_at_eval=config.model.eval_batch_stats,
+            loss=config.get("loss", "bce"),
+        ),
         in_shardings=(replicated, batched),
     )
     stats_fn = jax.jit(
@@ -150,6 +174,36 @@ def _eval_functions(
 def _example_indices(masks: np.ndarray, count: int) -> np.ndarray:
     """`count` slices spread over the split, in stored order (deterministic)."""
     return np.unique(np.linspace(0, masks.shape[0] - 1, min(count, masks.shape[0])).astype(int))
+
+
+def _plot_augmented_examples(
+    config: ml_collections.ConfigDict,
+    augmentation: augment.Augmentation,
+    train_data: Mapping[str, np.ndarray],
+    seed: int,
+    workdir: pathlib.Path,
+    num_draws: int = 4,
+) -> None:
+    """augmented_examples.png: training slices and `num_draws` augmentations of each, as the
+    train step draws them (sarcoma_jax/augment.py), from a key of the seed (the same every time)."""
+    shown = _example_indices(train_data["mask"], config.num_example_slices)
+    images = np.repeat(train_data["image"][shown], num_draws, axis=0)
+    masks = np.repeat(train_data["mask"][shown], num_draws, axis=0)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), steps.AUGMENT_STREAM)
+    augmented = jax.jit(functools.partial(augment.augment_batch, augmentation=augmentation))(
+        key, images, masks
+    )
+    augmented_images, augmented_masks = (
+        np.asarray(array).reshape(len(shown), num_draws, *array.shape[1:]) for array in augmented
+    )
+    figures.plot_augmented_examples(
+        context.centre_channel(train_data["image"][shown]),
+        train_data["mask"][shown],
+        context.centre_channel(augmented_images),
+        augmented_masks,
+        workdir / "augmented_examples.png",
+        titles=[f"{train_data['patient_key'][i]} #{i}" for i in shown],
+    )
 
 
 def train_and_evaluate(
@@ -195,7 +249,7 @@ def train_and_evaluate(
     else:
         seed_configs, seed_dirs = [config], [workdir]
 
-    splits, counts = _load_splits(config, records)
+    splits, counts = _load_splits(config, index, records)
     train_data = splits["train"]
     logging.info("data (tumour slices / patients): %s", counts)
 
@@ -212,7 +266,13 @@ def train_and_evaluate(
         steps.create_optimizer(config.optimizer),
     )
     state = jax.device_put(state, replicated)
-    step_fn = steps.train_step
+    augmentation = augment.Augmentation.from_config(config.get("augment"))
+    if augmentation is not None:
+        for seed, seed_dir in zip(seeds, seed_dirs, strict=True):
+            _plot_augmented_examples(config, augmentation, train_data, seed, seed_dir)
+    step_fn = functools.partial(
+        steps.train_step, loss=config.get("loss", "bce"), augmentation=augmentation
+    )
     if with_seeds:
         step_fn = seed_map.seed_map(
             step_fn, (0, 0), num_seeds=len(seeds), vmap=seed_map.use_vmap(config)
@@ -399,8 +459,12 @@ def _finish(
     test_metrics, test_logits = steps.evaluate(
         eval_fn, best_state, test_data, config.eval_batch_size
     )
+    # The threshold baseline looks at the slice itself (the centre channel under 2.5D context).
+    train_images, val_images, test_images = (
+        context.centre_channel(split["image"]) for split in (train_data, val_data, test_data)
+    )
     threshold_rule = baseline.fit_intensity_threshold(
-        train_data["image"], train_data["mask"], config.baseline_num_thresholds
+        train_images, train_data["mask"], config.baseline_num_thresholds
     )
     test_f1_per_image = metrics.dice_per_image(test_logits >= 0.0, test_data["mask"] > 0)
     results = {
@@ -412,11 +476,11 @@ def _finish(
         "test": test_metrics,
         "baseline_threshold": {
             **threshold_rule.to_dict(),
-            "val": threshold_rule.evaluate(val_data["image"], val_data["mask"]),
-            "test": threshold_rule.evaluate(test_data["image"], test_data["mask"]),
+            "val": threshold_rule.evaluate(val_images, val_data["mask"]),
+            "test": threshold_rule.evaluate(test_images, test_data["mask"]),
             "test_per_image": {
                 "patient_key": test_data["patient_key"].tolist(),
-                "f1": threshold_rule.dice_per_image(test_data["image"], test_data["mask"]).tolist(),
+                "f1": threshold_rule.dice_per_image(test_images, test_data["mask"]).tolist(),
             },
         },
         "test_per_image": {
@@ -432,10 +496,12 @@ def _finish(
     workdir_lib.write_results(
         workdir, results, {"data": counts, "train_wall_time_s": train_seconds}
     )
-    figures.plot_training_curves(history, workdir / "training_curves.png")
+    figures.plot_training_curves(
+        history, workdir / "training_curves.png", losses.LABELS[config.get("loss", "bce")]
+    )
     shown = _example_indices(test_data["mask"], config.num_example_slices)
     figures.plot_segmentation_examples(
-        test_data["image"][shown],
+        test_images[shown],
         test_data["mask"][shown],
         steps.probabilities(test_logits[shown]),
         workdir / "segmentation_examples.png",
