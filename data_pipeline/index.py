@@ -402,12 +402,3 @@ class Index:
             "warnings": self._fetch("SELECT count(*) FROM warnings")[0][0],
         }
 
-
-def __getattr__(name):
-    # IndexWriter moved to data_pipeline.index_writer (which imports this module); still reachable
-    # as index.IndexWriter for code written before the split.
-    if name == "IndexWriter":
-        from data_pipeline.index_writer import IndexWriter
-
-        return IndexWriter
-    raise AttributeError(f"module 'data_pipeline.index' has no attribute {name!r}")

@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 from absl.testing import absltest
 
-from data_pipeline import context, loader, preprocess
+from data_pipeline import context, index_writer, loader, preprocess
 from data_pipeline import index as index_lib
 from sarcoma_jax import input_pipeline
 
@@ -127,7 +127,7 @@ class IndexContextTest(absltest.TestCase):
         cls.tmp = pathlib.Path(tempfile.mkdtemp(prefix="context_test_"))
         cls.addClassCleanup(shutil.rmtree, cls.tmp, ignore_errors=True)
         cls.images = {}
-        with index_lib.IndexWriter(cls.tmp / "index", split_scheme="patient", seed=0) as writer:
+        with index_writer.IndexWriter(cls.tmp / "index", split_scheme="patient", seed=0) as writer:
             for patient in range(4):
                 patient_key = f"P{patient}"
                 series_key = f"{patient_key}_CT"

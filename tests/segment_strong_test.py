@@ -16,7 +16,7 @@ import segment_train_test as reference  # tests/: the tiny index and config of t
 from absl.testing import absltest, parameterized
 
 from configs import adda, adda_base, segment_base
-from data_pipeline import index as index_lib
+from data_pipeline import index_writer
 from sarcoma_jax import augment, checkpoints, input_pipeline, losses
 from sarcoma_jax.adda import segmentation
 from sarcoma_jax.adda import train as adda_train
@@ -218,7 +218,7 @@ def write_two_modality_index(out_dir: pathlib.Path, num_patients: int = 4) -> No
     rng = np.random.default_rng(1)
     pixels = reference.IMAGE_PIXELS
     rows, cols = np.mgrid[:pixels, :pixels]
-    with index_lib.IndexWriter(out_dir, split_scheme="patient", seed=0) as writer:
+    with index_writer.IndexWriter(out_dir, split_scheme="patient", seed=0) as writer:
         for patient in range(num_patients):
             patient_key = f"P{patient:02d}"
             writer.add_patient(patient_key)

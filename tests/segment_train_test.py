@@ -16,7 +16,7 @@ import numpy as np
 from absl.testing import absltest
 
 from data_pipeline import index as index_lib
-from data_pipeline import loader
+from data_pipeline import index_writer, loader
 from sarcoma_jax import baseline, checkpoints, input_pipeline, report
 from sarcoma_jax.segment import steps
 from sarcoma_jax.segment import train as segment_train
@@ -33,7 +33,7 @@ def write_tiny_index(out_dir: pathlib.Path, num_patients: int = 4, num_slices: i
     """A CT index of bright discs (tumour) on a noisy background; splits by the patient scheme."""
     rng = np.random.default_rng(0)
     rows, cols = np.mgrid[:IMAGE_PIXELS, :IMAGE_PIXELS]
-    with index_lib.IndexWriter(out_dir, split_scheme="patient", seed=0) as writer:
+    with index_writer.IndexWriter(out_dir, split_scheme="patient", seed=0) as writer:
         for patient in range(num_patients):
             patient_key = f"P{patient:02d}"
             series_key = f"{patient_key}_CT"
