@@ -7,11 +7,14 @@ Augmentation consistency as a validator (cf. arXiv 2503.00450; SPEC §10). Imple
 
 where the transforms t are a left-right flip (only where the task is flip invariant:
 segmentation, not digits), intensity x 0.9 and intensity x 1.1 (the inputs are scaled to [0, 1];
-t^-1 is the identity on the outputs for these), and t_x deals them out in turn: image i gets
-transform i mod (number of transforms). Every image is used once, so the measurement costs one
-forward pass of target val, not one per transform. Agreement is the task's: per-image Dice at
-p >= 0.5 (empty and empty agree) for segmentation, equal predicted classes for digits; the
-mean over images weights each image alike.
+t^-1 is the identity on the outputs for these). The images x are every m-th target val image (m
+the number of transforms: images 0, m, 2m, ...), and t_x deals the transforms out in turn among
+them, so each transform sees every m-th of those. The measurement costs a forward pass of 1/m
+of target val: its cost is one of the validators' budget (README: they may not more than double
+an evaluation), and a third of the segmentation val images (30 of 90 on sts_ibsi) still spans
+every val patient. Agreement is the task's: per-image Dice at p >= 0.5 (empty and empty agree)
+for segmentation, equal predicted classes for digits; the mean over images weights each image
+alike.
 """
 
 import dataclasses
@@ -38,19 +41,20 @@ class Consistency(Validator):
         transforms = [(lambda x, f=factor: np.float32(f) * x, None) for factor in INTENSITY_FACTORS]
         if probe.task.flip_invariant:
             transforms.append((_flip, _flip))
-        groups = [np.arange(k, len(images), len(transforms)) for k in range(len(transforms))]
+        chosen = np.arange(0, len(images), len(transforms))
+        groups = [chosen[k :: len(transforms)] for k in range(len(transforms))]
+        groups = [group for group in groups if len(group)]
+        transforms = transforms[: len(groups)]
         transformed = np.concatenate(
             [forward(images[group]) for (forward, _), group in zip(transforms, groups, strict=True)]
         )
         mapped = probe.outputs_on(np.ascontiguousarray(transformed))
-        agreements, start = [], 0
+        total, start = 0.0, 0
         for (_, inverse), group in zip(transforms, groups, strict=True):
             back = mapped[start : start + len(group)]
             start += len(group)
             if inverse is not None:
                 back = inverse(back)
-            agreements += [
-                probe.task.agreement(outputs[i : i + 1], back[j : j + 1])
-                for j, i in enumerate(group)
-            ]
-        return {self.name: float(np.mean(agreements))}
+            # Task.agreement is a mean over the images given: weighted by their number.
+            total += len(group) * probe.task.agreement(outputs[group], back)
+        return {self.name: total / len(chosen)}

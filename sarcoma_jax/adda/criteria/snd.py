@@ -24,8 +24,9 @@ from sarcoma_jax.adda.criteria.validator import Validator
 
 
 def soft_neighbourhood_density(features: np.ndarray, temperature: float) -> float:
-    """SND of (n, channels) feature vectors (float64)."""
-    features = np.asarray(features, np.float64)
+    """SND of (n, channels) feature vectors, computed in float32 (the n x n similarities are the
+    cost; a test checks it against float64)."""
+    features = np.asarray(features, np.float32)
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     normalised = features / np.maximum(norms, 1e-12)
     similarity = normalised @ normalised.T / temperature
