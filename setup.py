@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "pydicom>=2.4",
     "scikit-image",
     "scikit-learn",
+    "threadpoolctl",
     "scipy",
     "tensorflow-datasets",
     "tqdm",

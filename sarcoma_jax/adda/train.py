@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import threadpoolctl
 import tqdm
 from absl import logging
 
@@ -317,8 +318,12 @@ def train_and_evaluate(
                     sharding=compiled,
                     seed=seed_configs[i].seed,
                 )
-                for criterion in measuring:
-                    evaluation.update(criterion.measure(probe))
+                # The validators' numpy/scikit-learn work is on small matrices (a 16-feature
+                # logistic regression, 1024 x 1024 similarities), which BLAS threads slow down
+                # several-fold next to XLA's own threads: one thread (README, validators' cost).
+                with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+                    for criterion in measuring:
+                        evaluation.update(criterion.measure(probe))
             evaluation[metric_name] = float(task_metrics[task.primary_metric])
             evaluation["validator_seconds"] = time.time() - measure_start
             evaluations.append(evaluation)
