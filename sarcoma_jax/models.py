@@ -1,5 +1,6 @@
 """Flax modules: the thesis' U-Net (§14.2), logit-map discriminator (§14.3), digits nets (§10.1)."""
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -195,9 +196,10 @@ class LogitMapDiscriminator(nn.Module):
       num_classes: output logits (index 1 = source, 0 = target in the ADDA convention).
       bn_momentum: BatchNorm running-average momentum (see UNet).
       norm: 'batch' (the reference: BatchNorm after the input and after every block and the last
-        conv), 'layer' (LayerNorm in the same places: each sample normalised over its own
-        positions and channels, so its logits depend on that sample only) or 'none' (no
-        normalisation; likewise per sample).
+        conv), 'layer' (LayerNorm after the input and every block, each sample normalised over
+        its own positions and channels, so its logits depend on that sample only; not after the
+        last conv, and not where a sample's map is a single value) or 'none' (no normalisation;
+        likewise per sample).
 
     A caveat of the reference layout (README, "Hypothesis II"). Its last BatchNorm normalises the
     last conv's output over the batch, and at training and at `discriminator_eval_bn='batch'`
@@ -242,10 +244,14 @@ class LogitMapDiscriminator(nn.Module):
         if use_running_average is None:
             use_running_average = not train
 
-        def normalise(x):
+        def normalise(x, last=False):
             if self.norm == "batch":
                 return _batch_norm(use_running_average, self.bn_momentum)(x)
-            if self.norm == "layer":  # over each sample's positions and channels
+            # Over each sample's positions and channels; never the last conv's output (the
+            # logits: LayerNorm would leave only their signs) nor a map of one value per sample
+            # (at 32x32 the third block's output is 1x1x1, which LayerNorm sets to 0, cutting
+            # the discriminator off from its input).
+            if self.norm == "layer" and not last and math.prod(x.shape[-3:]) > 1:
                 return nn.LayerNorm(epsilon=BN_EPSILON, reduction_axes=(-3, -2, -1))(x)
             return x
 
@@ -259,7 +265,7 @@ class LogitMapDiscriminator(nn.Module):
         x = nn.Conv(self.final_features, (2, 2), strides=tuple(self.final_strides), padding="SAME")(
             x
         )
-        x = normalise(x)
+        x = normalise(x, last=True)
         x = x.reshape((x.shape[0], -1))
         if x.shape[-1] != self.num_classes:
             x = nn.Dense(self.num_classes)(x)

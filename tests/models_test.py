@@ -279,7 +279,9 @@ class LogitMapDiscriminatorTest(parameterized.TestCase):
         halves = jnp.concatenate([jnp.ones((5, 1, 1, 1)), -jnp.ones((5, 1, 1, 1))])
 
         def verdicts(model, offset):
-            x = 1.0 + noise + offset * halves
+            # Every sample the same map but for its half's offset: what the verdicts can tell
+            # apart is the offset alone.
+            x = 1.0 + noise[:1] + offset * halves
             variables = _init(model, jax.random.PRNGKey(0), x)
             logits, _ = model.apply(
                 variables, x, train=False, use_running_average=False, mutable=["batch_stats"]
@@ -303,6 +305,23 @@ class LogitMapDiscriminatorTest(parameterized.TestCase):
             np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
         with self.assertRaisesRegex(ValueError, "discriminator norm 'group'"):
             _init(models.LogitMapDiscriminator(norm="group"), jax.random.PRNGKey(0), noise)
+
+
+    def test_per_sample_discriminators_see_their_input_at_32x32(self):
+        # At 32x32 the third block's map is one value per sample: LayerNorm there (or on the
+        # logits) would make the output a constant, and the target map would get no gradient.
+        x = jax.random.normal(jax.random.PRNGKey(6), (4, 32, 32, 1))
+        for norm in ("none", "layer"):
+            model = models.LogitMapDiscriminator(input_dropout=0.0, norm=norm)
+            variables = _init(model, jax.random.PRNGKey(1), x)
+
+            def source_logit(images, model=model, variables=variables):
+                return jnp.sum(model.apply(variables, images, train=False)[:, 1])
+
+            gradient = jax.grad(source_logit)(x)
+            self.assertGreater(float(jnp.min(jnp.abs(gradient).sum(axis=(1, 2, 3)))), 0.0, norm)
+            logits = model.apply(variables, x, train=False)
+            self.assertGreater(float(jnp.std(logits[:, 1] - logits[:, 0])), 0.0, norm)
 
 
 class DigitsModelsTest(absltest.TestCase):
