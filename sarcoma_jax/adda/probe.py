@@ -31,25 +31,28 @@ class ProbePrograms(NamedTuple):
     """A run's jit-compiled functions of one seed's map variables and a batch of images."""
 
     outputs: Callable  # (variables, images) -> outputs (batch, ...)
-    features: Callable  # (variables, images) -> {'outputs', 'features'}
+    image_features: Callable  # ... -> {'outputs', 'features' averaged per image (batch, channels)}
 
 
 def compile_probe_programs(game: game_lib.Game, sharding: Any) -> ProbePrograms:
-    """The target map's outputs, and its outputs with its features (`game_lib.apply_with_features`,
-    the module `game.feature_module`), jit-compiled with the run's shardings."""
+    """The target map's outputs, and its outputs with each image's features averaged over its
+    units (`game_lib.apply_with_features`, the module `game.feature_module`), jit-compiled with
+    the run's shardings."""
 
     def outputs(variables, images):
         return game.map_model.apply(variables, images, train=False)
 
-    def with_features(variables, images):
+    def with_image_features(variables, images):
         logits, features = game_lib.apply_with_features(game, variables, images)
+        if features.ndim > 2:  # (batch, ..., channels): average over the units
+            features = features.reshape(features.shape[0], -1, features.shape[-1]).mean(axis=1)
         return {"outputs": logits, "features": features}
 
     in_shardings = (sharding.replicated, sharding.examples)
     return ProbePrograms(
         outputs=jax.jit(outputs, in_shardings=in_shardings, out_shardings=sharding.replicated),
-        features=jax.jit(
-            with_features, in_shardings=in_shardings, out_shardings=sharding.replicated
+        image_features=jax.jit(
+            with_image_features, in_shardings=in_shardings, out_shardings=sharding.replicated
         ),
     )
 
@@ -104,9 +107,9 @@ class Probe:
             self._sharding.examples,
         )
 
-    def _with_features(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def _with_image_features(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return runtime.predict(
-            self._programs.features,
+            self._programs.image_features,
             self._variables,
             images,
             self._batch_size,
@@ -115,7 +118,9 @@ class Probe:
 
     @functools.cached_property
     def _source_val_pass(self) -> dict[str, np.ndarray]:
-        return self._with_features(self.source_val["image"])
+        # Per-image mean features, averaged on the device: what dev uses, without carrying
+        # every pixel's features to the host.
+        return self._with_image_features(self.source_val["image"])
 
     @property
     def source_val_outputs(self) -> np.ndarray:
@@ -124,7 +129,8 @@ class Probe:
 
     @property
     def source_val_features(self) -> np.ndarray:
-        """(n_s, ..., channels) the target map's features of the source val images."""
+        """(n_s, channels) the target map's features of each source val image, averaged over its
+        units (pixels)."""
         return self._source_val_pass["features"]
 
     def unit_probabilities(self, outputs: np.ndarray) -> np.ndarray:
