@@ -97,13 +97,22 @@ class Probe:
         self._batch_size = batch_size
         self._sharding = sharding
 
+    def _batch_size_for(self, num_images: int) -> int:
+        """The batch of a pass over `num_images`: all of them at once, up to four evaluation
+        batches, rounded up to a multiple of the devices. A probe's passes have fixed sizes
+        (source val, a share of target val), so each compiles once a run, and one call without
+        padding costs less than several padded ones (the validators' budget)."""
+        devices = self._sharding.examples.mesh.size
+        size = max(self._batch_size, min(num_images, 4 * self._batch_size))
+        return -(-size // devices) * devices
+
     def outputs_on(self, images: np.ndarray) -> np.ndarray:
         """The target map's outputs on any images (n, ...), in order."""
         return runtime.predict(
             self._programs.outputs,
             self._variables,
             images,
-            self._batch_size,
+            self._batch_size_for(len(images)),
             self._sharding.examples,
         )
 
@@ -112,7 +121,7 @@ class Probe:
             self._programs.image_features,
             self._variables,
             images,
-            self._batch_size,
+            self._batch_size_for(len(images)),
             self._sharding.examples,
         )
 
