@@ -48,7 +48,9 @@ def _toy_domain(rng: np.random.Generator, count: int, inverted: bool) -> dict[st
     images = np.where(masks > 0, 0.9, images).astype(np.float32)
     if inverted:
         images = 1.0 - images
-    return {"image": images, "mask": masks}
+    # Two images per toy patient, as the segmentation data carries a patient key per image.
+    patient_keys = np.array([f"toy_{i // 2:02d}" for i in range(count)])
+    return {"image": images, "mask": masks, "patient_key": patient_keys}
 
 
 class ToyTask(segmentation.SegmentationTask):

@@ -32,8 +32,9 @@ class StubProbe:
         self.target_val_features = features
         self.seed = seed
 
-    def unit_probabilities(self, outputs):
-        return self.task.unit_probabilities(outputs)
+    @property
+    def target_val_probabilities(self):
+        return self.task.unit_probabilities(self.target_val_outputs)
 
 
 def _logit(p: float) -> float:

@@ -142,6 +142,8 @@ class Probe:
         units (pixels)."""
         return self._source_val_pass["features"]
 
-    def unit_probabilities(self, outputs: np.ndarray) -> np.ndarray:
-        """(units, classes) float64 probabilities of the task's units (pixels or images)."""
-        return self.task.unit_probabilities(outputs)
+    @functools.cached_property
+    def target_val_probabilities(self) -> np.ndarray:
+        """(units, classes) float64 probabilities of the target val outputs' units (pixels or
+        images; `Task.unit_probabilities`), computed once for the validators that share them."""
+        return self.task.unit_probabilities(self.target_val_outputs)

@@ -188,10 +188,7 @@ class SegmentationTask:
         (report.plot_da_boxplots) and the per-patient scores of cross-validation (folds.py)."""
         # Thresholded as in `evaluate`, so that their mean is its f1.
         dice = metrics.dice_per_image(outputs >= 0.0, arrays["mask"] > 0)
-        per_image = {"f1": dice.tolist()}
-        if "patient_key" in arrays:  # data without patients (a synthetic toy) has none
-            per_image["patient_key"] = np.asarray(arrays["patient_key"]).tolist()
-        return per_image
+        return {"patient_key": np.asarray(arrays["patient_key"]).tolist(), "f1": dice.tolist()}
 
     def unit_probabilities(self, outputs: np.ndarray) -> np.ndarray:
         """(pixels, 2) float64: each pixel's P(background), P(tumour) from its logit."""

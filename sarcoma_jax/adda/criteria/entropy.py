@@ -29,5 +29,5 @@ class Entropy(Validator):
     higher_is_better: bool = False
 
     def measure(self, probe) -> dict[str, float]:
-        probabilities = probe.unit_probabilities(probe.target_val_outputs)
+        probabilities = probe.target_val_probabilities
         return {self.name: float(np.mean(unit_entropies(probabilities)))}

@@ -25,6 +25,6 @@ class InformationMaximisation(Validator):
     label: str = "information maximisation"
 
     def measure(self, probe) -> dict[str, float]:
-        probabilities = probe.unit_probabilities(probe.target_val_outputs)
+        probabilities = probe.target_val_probabilities
         diversity = unit_entropies(probabilities.mean(axis=0, keepdims=True))[0]
         return {self.name: float(diversity - np.mean(unit_entropies(probabilities)))}
