@@ -1,5 +1,6 @@
 """Tests for sarcoma_jax.adda: the loop, criteria in runs, resume, faults, devices, configs."""
 
+import copy
 import functools
 import importlib
 import json
@@ -684,6 +685,19 @@ class PhantomSegmentationTest(absltest.TestCase):
             config.data.source_modality = "T1"
             with self.assertRaisesRegex(ConfigError, "is a CT segmentation run"):
                 adda_train.validate_config(config, segmentation.SegmentationTask())
+            config.data.source_modality = "CT"
+            # A map trained on other inputs is refused by name, not played (a U-Net would run
+            # at another image size silently; other context channels fail deep inside jax).
+            for field, value in (
+                ("data.image_size", 64),
+                ("data.context_slices", 1),
+                ("model.base_filters", 4),
+            ):
+                section, name = field.split(".")
+                mismatched = copy.deepcopy(config)
+                mismatched[section][name] = value
+                with self.assertRaisesRegex(ConfigError, f"trained with {field}="):
+                    adda_train.validate_config(mismatched, segmentation.SegmentationTask())
 
     def test_num_seeds_trains_the_source_maps_together(self):
         config = adda_ct_pt.get_config("smoke")

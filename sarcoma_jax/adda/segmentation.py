@@ -25,14 +25,54 @@ def _canonical_domain(config_field: str, value: str) -> str:
         raise ConfigError(f"config.data.{config_field}: {error}") from None
 
 
-def _segmentation_run_modality(state_dir: pathlib.Path) -> str | None:
-    """The modality in the config.json of the run a checkpoint belongs to, if it can be found."""
+# What a source map's input and shape depend on: a reused segmentation run must agree with the
+# ADDA config on each, or the game would play a map trained on other inputs (a U-Net is fully
+# convolutional, so a different image size would even run, silently).
+_SOURCE_RUN_FIELDS = (
+    ("data", "image_size"),
+    ("data", "context_slices"),
+    ("model", "depth"),
+    ("model", "base_filters"),
+    ("model", "downsampling"),
+    ("model", "upsampling"),
+)
+
+
+def _segmentation_run_config(state_dir: pathlib.Path) -> dict | None:
+    """The config.json of the run a checkpoint belongs to, if it can be found."""
     for folder in state_dir.parents:
         config_path = folder / "config.json"
         if config_path.is_file():
-            modality = json.loads(config_path.read_text()).get("data", {}).get("modality")
-            return None if modality is None else datasets.canonical_domain(modality)
+            return json.loads(config_path.read_text())
     return None
+
+
+def _check_source_run(config: ml_collections.ConfigDict, source: str) -> None:
+    """ConfigError where config.source_checkpoint's run disagrees with this config's input/model."""
+    state_dir = checkpoints.resolve_state_dir(config.source_checkpoint)
+    run = _segmentation_run_config(state_dir)
+    if run is None:
+        return
+    run_modality = run.get("data", {}).get("modality")
+    if run_modality is not None and datasets.canonical_domain(run_modality) != source:
+        raise ConfigError(
+            f"config.source_checkpoint {config.source_checkpoint} is a "
+            f"{datasets.canonical_domain(run_modality)} segmentation run, but the source modality "
+            f"is {source}"
+        )
+    defaults = {("data", "context_slices"): 0}
+    for section, field in _SOURCE_RUN_FIELDS:
+        if field not in run.get(section, {}) and (section, field) not in defaults:
+            continue
+        theirs = run.get(section, {}).get(field, defaults.get((section, field)))
+        ours = config[section].get(field, defaults.get((section, field)))
+        if theirs != ours:
+            raise ConfigError(
+                f"config.source_checkpoint {config.source_checkpoint} was trained with "
+                f"{section}.{field}={theirs!r}, this run has {ours!r}: pass "
+                f"--config.{section}.{field}={theirs!r} (or the same config variant, e.g. "
+                "':strong') or train a source map that matches"
+            )
 
 
 def _disjoint_patient_groups(
@@ -88,13 +128,7 @@ class SegmentationTask:
             {**config.data.to_dict(), "modality": source}, size_divisor=2**config.model.depth
         )
         if config.source_checkpoint:
-            state_dir = checkpoints.resolve_state_dir(config.source_checkpoint)
-            run_modality = _segmentation_run_modality(state_dir)
-            if run_modality is not None and run_modality != source:
-                raise ConfigError(
-                    f"config.source_checkpoint {config.source_checkpoint} is a {run_modality} "
-                    f"segmentation run, but the source modality is {source}"
-                )
+            _check_source_run(config, source)
         else:
             if jax.process_count() > 1:
                 raise ConfigError(
