@@ -29,6 +29,11 @@ over seeds of each patient's F1.
 
 Started again in W, a fold whose results.json was written with the same config is skipped; an
 interrupted fold resumes as any run does.
+
+An ADDA folds run trains each fold's source map unless `config.source_checkpoint` names one per
+fold with `{fold}` (e.g. `runs/seg_CT/fold_{fold}`: a segmentation folds run of the same data,
+seed and K); a single source checkpoint for every fold is refused (it saw other folds' test
+patients).
 """
 
 import copy
@@ -46,6 +51,7 @@ from sarcoma_jax import workdir as workdir_lib
 from sarcoma_jax.input_pipeline import ConfigError
 
 FOLD_DIR_PREFIX = "fold_"
+FOLD_FIELD = "{fold}"  # in config.source_checkpoint: filled in with each fold's index
 MODEL = "model"  # a segmentation run's score set of its trained model
 BASELINE = "baseline_threshold"  # ... and of its intensity threshold
 WEIGHTED_FIGURES = ("accuracy", "zero_ratio")
@@ -62,6 +68,9 @@ def fold_config(config: ml_collections.ConfigDict, fold: int) -> ml_collections.
     `source.data.fold` shares, so the source map trains on the same fold)."""
     single = copy.deepcopy(config)
     single.data.fold = fold
+    checkpoint = single.get("source_checkpoint")
+    if checkpoint and FOLD_FIELD in checkpoint:
+        single.source_checkpoint = checkpoint.replace(FOLD_FIELD, str(fold))
     return single
 
 
@@ -260,13 +269,17 @@ def run_all_folds(
         workdir holding a run of another config; all before any training.
     """
     input_pipeline.validate_folds(config.data, all_folds=True)
-    if config.get("source_checkpoint"):
+    checkpoint = config.get("source_checkpoint")
+    if checkpoint and FOLD_FIELD not in checkpoint:
         raise ConfigError(
             "config.source_checkpoint with config.data.num_folds: one source map would have "
-            "trained on other folds' test patients; let each fold train its own"
+            "trained on other folds' test patients; let each fold train its own, or name one per "
+            f"fold with {FOLD_FIELD} (e.g. runs/seg_CT/fold_{FOLD_FIELD}, a segmentation folds "
+            "run of the same data)"
         )
     num_folds = config.data.num_folds
-    validate_fn(fold_config(config, 0))
+    for fold in range(num_folds):  # every fold's source checkpoint, before anything runs
+        validate_fn(fold_config(config, fold))
     test_patients = _fold_test_patients(config)
     workdir = pathlib.Path(workdir)
     primary = runtime.is_primary()

@@ -2,6 +2,7 @@
 stored by the ingest, config checks, and runs of every fold (sarcoma_jax.folds) on real data."""
 
 import collections
+import copy
 import json
 import os
 import pathlib
@@ -523,6 +524,38 @@ class AllFoldsAddaTest(absltest.TestCase):
                     set(data.target["test"]["patient_key"]),
                     {key for key, split in fold_splits.items() if split == "test"},
                 )
+
+            # Each fold reuses its own fold's source map ('{fold}'): none is trained again, and
+            # the game starts from the same map as before.
+            reuse = copy.deepcopy(config)
+            reuse.source_checkpoint = str(workdir / "fold_{fold}" / "source")
+            reused = folds.run_all_folds(
+                reuse,
+                pathlib.Path(tmp) / "reused",
+                adda_train.train_and_evaluate,
+                adda_train.validate_config,
+                adda_train.COSMETIC_CONFIG_KEYS,
+            )
+            for fold in range(2):
+                self.assertFalse(
+                    (pathlib.Path(tmp) / "reused" / f"fold_{fold}" / "source").exists()
+                )
+                before = json.loads((workdir / f"fold_{fold}" / "results.json").read_text())
+                after = json.loads(
+                    (pathlib.Path(tmp) / "reused" / f"fold_{fold}" / "results.json").read_text()
+                )
+                self.assertEqual(after["source_test"], before["source_test"])
+            self.assertEqual(reused["patients"].keys(), results["patients"].keys())
+
+            # Another fold's map would have trained on this fold's test patients: refused.
+            crossed = folds.fold_config(config, 1)
+            crossed.source_checkpoint = str(workdir / "fold_0" / "source")
+            with self.assertRaisesRegex(ConfigError, r"trained with data.fold=0, this run has 1"):
+                adda_train.validate_config(crossed)
+            literal = folds.fold_config(config, 1)
+            literal.source_checkpoint = str(workdir / "fold_{fold}" / "source")
+            with self.assertRaisesRegex(ConfigError, "only when every fold runs"):
+                adda_train.validate_config(literal)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,16 @@ _SOURCE_RUN_FIELDS = (
     ("model", "downsampling"),
     ("model", "upsampling"),
 )
+# Where the source run used the same data, what decides its patients' splits: it must match, or
+# the source map would have trained on this run's target test patients.
+_SPLIT_FIELDS = (
+    ("data", "seed"),
+    ("data", "split_scheme"),
+    ("data", "num_folds"),
+    ("data", "fold"),
+)
+# Values of fields that runs written before the field existed did not record.
+_FIELD_DEFAULTS = {("data", "context_slices"): 0, ("data", "num_folds"): 0, ("data", "fold"): None}
 
 
 def _segmentation_run_config(state_dir: pathlib.Path) -> dict | None:
@@ -48,28 +58,43 @@ def _segmentation_run_config(state_dir: pathlib.Path) -> dict | None:
 
 
 def _check_source_run(config: ml_collections.ConfigDict, source: str) -> None:
-    """ConfigError where config.source_checkpoint's run disagrees with this config's input/model."""
+    """ConfigError where config.source_checkpoint's run disagrees with this config: modality,
+    input and U-Net shape; and, on the same data, the patient splits (seed, scheme, fold)."""
+    if "{fold}" in config.source_checkpoint:
+        raise ConfigError(
+            f"config.source_checkpoint {config.source_checkpoint}: '{{fold}}' is filled in only "
+            "when every fold runs (config.data.num_folds without config.data.fold); name the "
+            "fold's run itself"
+        )
     state_dir = checkpoints.resolve_state_dir(config.source_checkpoint)
     run = _segmentation_run_config(state_dir)
     if run is None:
         return
-    run_modality = run.get("data", {}).get("modality")
+    run_data = run.get("data", {})
+    run_modality = run_data.get("modality")
     if run_modality is not None and datasets.canonical_domain(run_modality) != source:
         raise ConfigError(
             f"config.source_checkpoint {config.source_checkpoint} is a "
             f"{datasets.canonical_domain(run_modality)} segmentation run, but the source modality "
             f"is {source}"
         )
-    defaults = {("data", "context_slices"): 0}
-    for section, field in _SOURCE_RUN_FIELDS:
-        if field not in run.get(section, {}) and (section, field) not in defaults:
+    same_data = all(run_data.get(key) == config.data.get(key) for key in ("source", "path"))
+    for section, field in _SOURCE_RUN_FIELDS + (_SPLIT_FIELDS if same_data else ()):
+        key = (section, field)
+        if field not in run.get(section, {}) and key not in _FIELD_DEFAULTS:
             continue
-        theirs = run.get(section, {}).get(field, defaults.get((section, field)))
-        ours = config[section].get(field, defaults.get((section, field)))
+        theirs = run.get(section, {}).get(field, _FIELD_DEFAULTS.get(key))
+        ours = config[section].get(field, _FIELD_DEFAULTS.get(key))
         if theirs != ours:
+            why = (
+                " (other patient splits: the source map may have trained on this run's test "
+                "patients)"
+                if key in _SPLIT_FIELDS
+                else ""
+            )
             raise ConfigError(
                 f"config.source_checkpoint {config.source_checkpoint} was trained with "
-                f"{section}.{field}={theirs!r}, this run has {ours!r}: pass "
+                f"{section}.{field}={theirs!r}, this run has {ours!r}{why}: pass "
                 f"--config.{section}.{field}={theirs!r} (or the same config variant, e.g. "
                 "':strong') or train a source map that matches"
             )
