@@ -7,7 +7,7 @@ separated by commas:
   'smoke'  a run of about a minute on a laptop CPU: 32x32, source trained 2 epochs, a few short
            cycles, the criteria's delays scaled down
   'strong' the source segmenter's ':strong' variant (configs/segment_base.py STRONG); the game is
-           the reference's, on the same input (its 2.5D context channels too)
+           the reference's, on the same input
 
 `--config.scheme=adda|reset` picks plain ADDA or momentum reset with the pair's schedule
 (`config.reset`). The source segmentation run is `config.source` (configs/segment_base.py; it

@@ -263,6 +263,7 @@ class AddaStrongSourceTest(absltest.TestCase):
         self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
         write_two_modality_index(tmp / "index")
         config = adda_base.get_config("strong,smoke", "CT", "PT")
+        config.data.context_slices = 1  # an option beside ':strong'
         config.data.source = "index"
         config.data.path = str(tmp / "index")
         config.data.image_size = 16
@@ -309,7 +310,7 @@ class ConfigVariantsTest(parameterized.TestCase):
                 strong.data.context_slices,
                 strong.data.image_size,
             ),
-            (True, "bce_dice", 1, 128),
+            (True, "bce_dice", 0, 128),
         )
         self.assertEqual(strong.data.modality, reference_config.data.modality)
         segment_train.validate_config(strong)
@@ -324,7 +325,7 @@ class ConfigVariantsTest(parameterized.TestCase):
     def test_adda_source_takes_the_variant(self):
         config = adda.get_config("CT,T1:strong")
         self.assertEqual((config.source.loss, config.source.augment.enabled), ("bce_dice", True))
-        self.assertEqual(config.data.context_slices, 1)
+        self.assertEqual(config.data.context_slices, 0)
         config.data.context_slices = 2  # shared with the source run, as every data field
         self.assertEqual(config.source.data.context_slices, 2)
         smoke = adda.get_config("PT,CT:strong,smoke")

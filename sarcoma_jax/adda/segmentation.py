@@ -57,6 +57,14 @@ def _segmentation_run_config(state_dir: pathlib.Path) -> dict | None:
     return None
 
 
+def _same_path(first: str | None, second: str | None) -> bool:
+    """Whether two config paths name one folder (relative ones read from the current folder, as
+    the README's commands run from the repository root)."""
+    if not first or not second:
+        return first == second
+    return pathlib.Path(first).resolve() == pathlib.Path(second).resolve()
+
+
 def _check_source_run(config: ml_collections.ConfigDict, source: str) -> None:
     """ConfigError where config.source_checkpoint's run disagrees with this config: modality,
     input and U-Net shape; and, on the same data, the patient splits (seed, scheme, fold)."""
@@ -78,7 +86,9 @@ def _check_source_run(config: ml_collections.ConfigDict, source: str) -> None:
             f"{datasets.canonical_domain(run_modality)} segmentation run, but the source modality "
             f"is {source}"
         )
-    same_data = all(run_data.get(key) == config.data.get(key) for key in ("source", "path"))
+    same_data = run_data.get("source") == config.data.get("source") and _same_path(
+        run_data.get("path"), config.data.get("path")
+    )
     for section, field in _SOURCE_RUN_FIELDS + (_SPLIT_FIELDS if same_data else ()):
         key = (section, field)
         if field not in run.get(section, {}) and key not in _FIELD_DEFAULTS:
