@@ -10,8 +10,15 @@ there. Aggregated per data set (and config variant): mean ± sd over runs, wins 
 against `latest` and against the source map with a two-sided sign test (ties left out), and the
 fraction of degenerate evaluations (the discriminator's recall and specificity both exactly 0 or
 1, where eq. 26 is 0).
+
+A cross-validated run (every fold, sarcoma_jax/folds.py) is one game per fold: each fold trains
+or loads its own source map, plays its own trajectory and tests on its own patients, so the
+per-run numbers, figures and the first table count fold runs. A second table pools each
+cross-validated run's folds (every patient tested once): the test metric there is over all
+patients, the step and ρ are the folds' (first table).
 """
 
+import dataclasses
 import math
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -123,8 +130,23 @@ def _groups(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]:
     return grouped
 
 
-def aggregate_table(runs: Sequence[Run], title_suffix: str = "") -> Table:
-    """One row per criterion, over `runs` (one data set and variant)."""
+def games(runs: Sequence[Run]) -> list[Run]:
+    """The games among `runs`: an ordinary run, or each fold's run of a cross-validated one
+    (labelled with that run's variant)."""
+    return [
+        dataclasses.replace(fold_run, variant=run.variant, variant_detail=run.variant_detail)
+        if run.fold_runs
+        else run
+        for run in runs
+        for fold_run in (run.fold_runs or [run])
+    ]
+
+
+def aggregate_table(
+    runs: Sequence[Run], title_suffix: str = "", unit: str = "runs", pooled: bool = False
+) -> Table:
+    """One row per criterion, over `runs` (one data set and variant); `unit` names them in the
+    caption; `pooled`: cross-validated runs, each over all its folds' test patients."""
     names = criterion_names(run.results for run in runs)
     oracles = _oracle_names(runs)
     metric = _metric(runs[0])
@@ -157,10 +179,17 @@ def aggregate_table(runs: Sequence[Run], title_suffix: str = "") -> Table:
         title=f"Label-free model selection{title_suffix}",
         caption=(
             f"Target test {metric_label} of the map each criterion picks, mean ± sample sd over "
-            f"{len(runs)} runs (n: runs where it picked one); Δ source: against the source map "
+            f"{len(runs)} {unit} (n: {unit} where it picked one); "
+            + (
+                f"each {metric_label} pools a cross-validated run's folds (every patient tested "
+                "once; each fold's map is that fold's pick); "
+                if pooled
+                else ""
+            )
+            + "Δ source: against the source map "
             "(before DA); regret: the oracle's pick minus it; ρ: Spearman correlation of its "
-            f"per-evaluation score with target val {metric_label} (n: runs where defined); "
-            "w/l/t: runs where it is above / below / level with latest and with the source map, "
+            f"per-evaluation score with target val {metric_label} (n: {unit} where defined); "
+            f"w/l/t: {unit} where it is above / below / level with latest and with the source map, "
             "p from a two-sided sign test over the non-ties. Oracles read target labels."
         ),
         header=[
@@ -242,7 +271,7 @@ def plot_run(run: Run, path: pathlib.Path) -> pathlib.Path:
                 linewidth=1,
                 label=criterion_label([run], name),
             )
-        if name in criteria:
+        if criteria.get(name, {}).get("step") is not None:
             axes.axvline(criteria[name]["step"], color=colour, linestyle=":", linewidth=1)
     axes.set(
         xlabel="step (disc + target updates)",
@@ -300,9 +329,26 @@ def write(runs: Sequence[Run], out: pathlib.Path, file_name) -> bool:
         "# Label-free model selection (SPEC §10)\n\n" + __doc__.split("\n\n", 1)[1].strip() + "\n"
     ]
     latex = []
-    for (data_label, variant), group in sorted(groups.items()):
+    for (data_label, variant), runs_of_group in sorted(groups.items()):
         label = f"{data_label} [{variant}]" if variant else data_label
-        table = aggregate_table(group, f", {label}")
+        group = games(runs_of_group)
+        cross_validated = [run for run in runs_of_group if run.fold_runs]
+        unit = "games (fold runs)" if cross_validated else "runs"
+        table = aggregate_table(group, f", {label}", unit=unit)
+        tables = [table]
+        pooled_text = ""
+        if cross_validated:
+            pooled = aggregate_table(
+                cross_validated,
+                f", {label}, folds pooled",
+                unit="cross-validated runs",
+                pooled=True,
+            )
+            tables.append(pooled)
+            pooled_text = (
+                f"\n### Folds pooled: every patient tested once\n\n{pooled.caption}\n\n"
+                f"{pooled.to_markdown()}\n"
+            )
         degenerate = [degenerate_evaluations(run) for run in group]
         bad, total = sum(d for d, _ in degenerate), sum(t for _, t in degenerate)
         share = f"{bad} of {total} ({100 * bad / total:.0f}%)" if total else "–"
@@ -315,14 +361,15 @@ def write(runs: Sequence[Run], out: pathlib.Path, file_name) -> bool:
             run_figures.append(f"- {run.description}: [{link}]({link})")
         markdown.append(
             f"\n## {label}\n\n{table.caption}\n\n{table.to_markdown()}\n"
-            f"Degenerate evaluations (recall and specificity both 0 or 1): {share}.\n\n"
-            f"![scores against target val]({scatter})\n\n### Per run\n\n"
+            f"Degenerate evaluations (recall and specificity both 0 or 1): {share}.\n"
+            + pooled_text
+            + f"\n![scores against target val]({scatter})\n\n### Per run\n\n"
             + per_run_table(group)
             + "\nScores over each run, normalised, with target val (the dotted lines: picks):\n\n"
             + "\n".join(run_figures)
             + "\n"
         )
-        latex.append(table.to_latex())
+        latex.extend(t.to_latex() for t in tables)
     (out / "selection.md").write_text("".join(markdown))
     (out / "selection.tex").write_text("\n".join(latex))
     return True
