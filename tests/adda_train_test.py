@@ -663,6 +663,17 @@ class PhantomSegmentationTest(absltest.TestCase):
                 set(results["criteria"]) | set(results["criteria_not_reached"]),
                 set(criteria.DEFAULT),
             )
+            # Every evaluation times the validators together and each one (README, cost).
+            validators = [c.name for c in criteria.build(config) if hasattr(c, "measure")]
+            self.assertNotEmpty(validators)
+            for line in (workdir / "metrics.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                if "validator_seconds" not in row:
+                    continue
+                each = [row[f"{name}_seconds"] for name in validators]
+                self.assertGreaterEqual(min(each), 0.0)
+                self.assertLessEqual(sum(each), row["validator_seconds"] + 1e-6)
+                self.assertLessEqual(row["validator_seconds"], row["evaluation_seconds"])
             # disjoint_domains: no patient gives training images to both domains.
             data = segmentation.SegmentationTask().load_data(config)
             source_patients = set(data.source["train"]["patient_key"])

@@ -285,7 +285,13 @@ def train_and_evaluate(
         "soft_specificity",
         "target_adversarial_loss",
     )
-    timing_columns = ("validator_seconds", "evaluation_seconds")
+    # Seconds of the evaluation, of all validators, and of each (the first validator to need a
+    # pass the probe shares, e.g. over source val, pays for it).
+    timing_columns = (
+        "validator_seconds",
+        "evaluation_seconds",
+        *(f"{criterion.name}_seconds" for criterion in measuring or ()),
+    )
 
     probe_programs = probe_lib.compile_probe_programs(game, compiled) if measuring else None
 
@@ -323,7 +329,9 @@ def train_and_evaluate(
                 # several-fold next to XLA's own threads: one thread (README, validators' cost).
                 with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
                     for criterion in measuring:
+                        tick = time.time()
                         evaluation.update(criterion.measure(probe))
+                        evaluation[f"{criterion.name}_seconds"] = time.time() - tick
             evaluation[metric_name] = float(task_metrics[task.primary_metric])
             evaluation["validator_seconds"] = time.time() - measure_start
             evaluations.append(evaluation)
