@@ -1,6 +1,7 @@
 """A record of what produced a run: config, seed, library versions, git commit, devices."""
 
 import datetime
+import functools
 import importlib.metadata
 import json
 import pathlib
@@ -62,10 +63,20 @@ def _git(*args: str) -> str | None:
 def git_state() -> dict[str, Any]:
     """The commit of the source tree (None outside git or before the first commit) and whether
     the tree differs from it: changed tracked files, or files git does not track yet (and does not
-    ignore), since a run may import those."""
+    ignore), since a run may import those.
+
+    Read once per process, at its first run: the code a process runs is what it imported then,
+    so a commit made while it runs (e.g. between the folds or seeds it runs one after another)
+    must not be recorded for its later runs.
+    """
+    return dict(_git_state_at_first_call())
+
+
+@functools.cache
+def _git_state_at_first_call() -> tuple[tuple[str, Any], ...]:
     commit = _git("rev-parse", "HEAD")
     changes = _git("status", "--porcelain") if commit else None
-    return {"commit": commit, "dirty": None if changes is None else bool(changes)}
+    return (("commit", commit), ("dirty", None if changes is None else bool(changes)))
 
 
 def collect(config: Mapping[str, Any], seed: int, extra: Mapping[str, Any] | None = None) -> dict:

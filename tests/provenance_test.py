@@ -3,6 +3,7 @@
 import json
 import pathlib
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 
@@ -10,7 +11,6 @@ from sarcoma_jax import provenance
 
 
 class ProvenanceTest(absltest.TestCase):
-
     def test_add_keeps_what_was_recorded_at_the_start(self):
         with tempfile.TemporaryDirectory() as folder:
             path = pathlib.Path(folder) / "provenance.json"
@@ -24,6 +24,18 @@ class ProvenanceTest(absltest.TestCase):
         self.assertEqual(record["data"], {"train": {"slices": 7}})
         self.assertIn("jax", record["packages"])
         self.assertIn("commit", record["git"])
+
+    def test_the_commit_is_the_one_the_process_started_from(self):
+        # A process that runs several folds or seeds in turn records, for each, the commit it
+        # imported its code from, even if a commit lands while it runs.
+        provenance._git_state_at_first_call.cache_clear()
+        self.addCleanup(provenance._git_state_at_first_call.cache_clear)
+        heads = iter(["a" * 40, "", "b" * 40, ""])
+        with mock.patch.object(provenance, "_git", side_effect=lambda *args: next(heads)):
+            first = provenance.collect({}, 0)["git"]
+            second = provenance.collect({}, 1)["git"]
+        self.assertEqual(first, {"commit": "a" * 40, "dirty": False})
+        self.assertEqual(second, first)
 
 
 if __name__ == "__main__":
