@@ -2,29 +2,17 @@
 per-run numbers, sign test and degenerate count against hand-computed values, and a
 cross-validated run read as one game per fold plus a table pooling the folds."""
 
-import json
 import pathlib
-import tempfile
 
+import report_test  # tests/: the workdir writer and temporary folder of the report's tests
 from absl.testing import absltest
 
 from sarcoma_jax import report
 from sarcoma_jax.report import runs as report_runs
 from sarcoma_jax.report import selection
 
-PNG_MAGIC = b"\x89PNG"
 # Criteria of the fake runs: the source map, an oracle, the baseline and one label-free rule.
 ORACLE = "highest_peak"
-
-
-def _write(workdir: pathlib.Path, config: dict, results: dict | None, history=()) -> None:
-    workdir.mkdir(parents=True)
-    (workdir / "config.json").write_text(json.dumps(config))
-    if results is not None:
-        (workdir / "results.json").write_text(json.dumps(results))
-    (workdir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
-    provenance = {"git": {"commit": "0123456789abcdef", "dirty": False}, "seed": config["seed"]}
-    (workdir / "provenance.json").write_text(json.dumps(provenance))
 
 
 def _config(fold=None, num_folds=0) -> dict:
@@ -94,18 +82,12 @@ def adda_run(root: pathlib.Path, f1: dict, keys: list[str], fold=None, num_folds
     history = _history(
         [0.1, 0.3, 0.2, 0.4], [1.0, 2.0, 3.0, 4.0], [(1.0, 0.0), (0.5, 0.5), (0.0, 1.0), (1.0, 1.0)]
     )
-    _write(root, _config(fold, num_folds), results, history)
-
-
-def _temp_dir(test: absltest.TestCase) -> pathlib.Path:
-    folder = tempfile.TemporaryDirectory()
-    test.addCleanup(folder.cleanup)
-    return pathlib.Path(folder.name)
+    report_test._write(root, _config(fold, num_folds), results, history)
 
 
 class PerRunTest(absltest.TestCase):
     def test_numbers_of_one_run_by_hand(self):
-        workdir = _temp_dir(self) / "run"
+        workdir = report_test._temp_dir(self) / "run"
         adda_run(
             workdir,
             {"initial": [0.3], "confusion": [0.5], ORACLE: [0.6], "latest": [0.4]},
@@ -132,9 +114,9 @@ class PerRunTest(absltest.TestCase):
 
 class CrossValidatedSelectionTest(absltest.TestCase):
     def test_games_per_fold_and_the_folds_pooled(self):
-        root = _temp_dir(self)
+        root = report_test._temp_dir(self)
         workdir = root / "folds"
-        _write(workdir, _config(num_folds=2), None)
+        report_test._write(workdir, _config(num_folds=2), None)
         # Fold 0 tests patient a (2 images) and b; fold 1 patient c.
         fold_f1 = {
             0: {
@@ -169,7 +151,7 @@ class CrossValidatedSelectionTest(absltest.TestCase):
         figures = sorted((root / "R" / "figures" / "selection").glob("*fold_*.png"))
         self.assertLen(figures, 2)
         for figure in figures:
-            self.assertEqual(figure.read_bytes()[:4], PNG_MAGIC)
+            self.assertEqual(figure.read_bytes()[:4], report_test.PNG_MAGIC)
         self.assertEqual((root / "R" / "selection.tex").read_text().count(r"\begin{table}"), 2)
 
 

@@ -12,7 +12,7 @@ import scipy.special
 from absl import logging
 
 from data_pipeline import datasets
-from sarcoma_jax import checkpoints, input_pipeline, metrics
+from sarcoma_jax import checkpoints, folds, input_pipeline, metrics
 from sarcoma_jax.adda import task as task_lib
 from sarcoma_jax.input_pipeline import ConfigError
 from sarcoma_jax.segment import train as segment_train
@@ -68,9 +68,10 @@ def _same_path(first: str | None, second: str | None) -> bool:
 def _check_source_run(config: ml_collections.ConfigDict, source: str) -> None:
     """ConfigError where config.source_checkpoint's run disagrees with this config: modality,
     input and U-Net shape; and, on the same data, the patient splits (seed, scheme, fold)."""
-    if "{fold}" in config.source_checkpoint:
+    if folds.FOLD_FIELD in config.source_checkpoint:
         raise ConfigError(
-            f"config.source_checkpoint {config.source_checkpoint}: '{{fold}}' is filled in only "
+            f"config.source_checkpoint {config.source_checkpoint}: '{folds.FOLD_FIELD}' is "
+            "filled in only "
             "when every fold runs (config.data.num_folds without config.data.fold); name the "
             "fold's run itself"
         )
@@ -80,11 +81,11 @@ def _check_source_run(config: ml_collections.ConfigDict, source: str) -> None:
         return
     run_data = run.get("data", {})
     run_modality = run_data.get("modality")
-    if run_modality is not None and datasets.canonical_domain(run_modality) != source:
+    run_modality = None if run_modality is None else datasets.canonical_domain(run_modality)
+    if run_modality is not None and run_modality != source:
         raise ConfigError(
-            f"config.source_checkpoint {config.source_checkpoint} is a "
-            f"{datasets.canonical_domain(run_modality)} segmentation run, but the source modality "
-            f"is {source}"
+            f"config.source_checkpoint {config.source_checkpoint} is a {run_modality} "
+            f"segmentation run, but the source modality is {source}"
         )
     same_data = run_data.get("source") == config.data.get("source") and _same_path(
         run_data.get("path"), config.data.get("path")
