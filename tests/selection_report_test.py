@@ -103,6 +103,11 @@ class PerRunTest(absltest.TestCase):
         # evaluations, rho = 1 - 6 * 2 / (4 * 15) = 0.8 (the before-DA row is left out).
         self.assertAlmostEqual(numbers["spearman"], 0.8)
         self.assertIsNone(selection.per_run(run, "latest")["spearman"])  # a constant score
+        # Position: the step over the last evaluated step (40): 20 / 40; the source map 0, the
+        # last evaluation 1.
+        self.assertAlmostEqual(numbers["position"], 0.5)
+        self.assertEqual(selection.per_run(run, "initial")["position"], 0.0)
+        self.assertEqual(selection.per_run(run, "latest")["position"], 1.0)
         # (1, 0), (0, 1) and (1, 1) are degenerate, (0.5, 0.5) is not.
         self.assertEqual(selection.degenerate_evaluations(run), (3, 4))
 
@@ -144,14 +149,22 @@ class CrossValidatedSelectionTest(absltest.TestCase):
             ["2", "0.300 ± 0.141", "0.000 ± 0.283", "0.400 ± 0.283"],
         )
         self.assertIn("0.80 ± 0.00 (n=2)", row(games, "confusion stop")[5])
+        # Position, median (quartiles) over the games: step 20 of 40 in both, the oracle 30 of 40.
+        self.assertEqual(row(games, "confusion stop")[8], "0.50 (0.50-0.50)")
+        self.assertEqual(row(games, "highest peak (oracle)")[8], "0.75 (0.75-0.75)")
         # Folds pooled, every test image once: confusion (0.5 + 0.3 + 0.4 + 0.2) / 4 = 0.35;
         # the source map 0.25; the oracle 0.65.
         self.assertEqual(row(pooled, "confusion stop")[1:5], ["1", "0.350", "0.100", "0.300"])
+        self.assertLen(row(pooled, "confusion stop"), 8)  # no position: the folds' are above
         self.assertIn("fold 0", markdown)
         figures = sorted((root / "R" / "figures" / "selection").glob("*fold_*.png"))
         self.assertLen(figures, 2)
         for figure in figures:
             self.assertEqual(figure.read_bytes()[:4], report_test.PNG_MAGIC)
+        # Target val over the game, both folds' games, with the criteria's median picks.
+        (trajectory,) = (root / "R" / "figures" / "selection").glob("trajectory_*.png")
+        self.assertEqual(trajectory.read_bytes()[:4], report_test.PNG_MAGIC)
+        self.assertIn(f"]({trajectory.relative_to(root / 'R')})", markdown)
         self.assertEqual((root / "R" / "selection.tex").read_text().count(r"\begin{table}"), 2)
 
 

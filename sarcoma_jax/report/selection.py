@@ -2,14 +2,16 @@
 among the target maps of an ADDA run, measured on target test, against the source map (before
 DA), `latest` and the oracle.
 
-Per run and criterion: the step it picks, target test metric (F1 or accuracy) there, the change
-against the source map, the regret against the oracle's pick (its test metric minus the
-criterion's), and Spearman's rho between the criterion's score at every evaluation after the
-start (metrics.jsonl `<name>_score`, signed so that higher is better) and the target val metric
-there. Aggregated per data set (and config variant): mean ± sd over runs, wins / losses / ties
-against `latest` and against the source map with a two-sided sign test (ties left out), and the
-fraction of degenerate evaluations (the discriminator's recall and specificity both exactly 0 or
-1, where eq. 26 is 0).
+Per run and criterion: the step it picks and where that lies in the game (its position: the
+step over the run's last evaluated step, 0 = the source map, 1 = the end), target test metric
+(F1 or accuracy) there, the change against the source map, the regret against the oracle's pick
+(its test metric minus the criterion's), and Spearman's rho between the criterion's score at
+every evaluation after the start (metrics.jsonl `<name>_score`, signed so that higher is better)
+and the target val metric there. Aggregated per data set (and config variant): mean ± sd over
+runs, wins / losses / ties against `latest` and against the source map with a two-sided sign
+test (ties left out), the median position, and the fraction of degenerate evaluations (the
+discriminator's recall and specificity both exactly 0 or 1, where eq. 26 is 0). A figure per
+data set shows target val against the position in the game with each criterion's median pick.
 
 A cross-validated run (every fold, sarcoma_jax/folds.py) is one game per fold: each fold trains
 or loads its own source map, plays its own trajectory and tests on its own patients, so the
@@ -93,6 +95,14 @@ def degenerate_evaluations(run: Run) -> tuple[int, int]:
     return degenerate, len(rows)
 
 
+def position(run: Run, name: str) -> float | None:
+    """Where in the game a criterion picks: its step over the last evaluated step (0 = the
+    source map, 1 = the end of the game); None if it picked nothing."""
+    step = run.results.get("criteria", {}).get(name, {}).get("step")
+    last = max((row["step"] for row in run.history if row.get("step") is not None), default=0)
+    return None if step is None or last <= 0 else step / last
+
+
 def per_run(run: Run, name: str) -> dict[str, float | None]:
     """The benchmark's numbers of one criterion in one run (None where it has none)."""
     value = _test_value(run, name)
@@ -102,6 +112,7 @@ def per_run(run: Run, name: str) -> dict[str, float | None]:
     entry = run.results.get("criteria", {}).get(name, {})
     return {
         "step": entry.get("step"),
+        "position": position(run, name),
         "test": value,
         "delta_source": None if value is None or source is None else value - source,
         "regret": None if value is None or oracle is None else oracle - value,
@@ -173,6 +184,8 @@ def aggregate_table(
                 "–" if name == LATEST else sign_test(versus_latest),
                 sign_test([n["delta_source"] for n in numbers]),
             ]
+            # A pooled run has no single trajectory: the folds' positions are in the games' table.
+            + ([] if pooled else [_median_quartiles([n["position"] for n in numbers])])
         )
     metric_label = {"f1": "F1", "accuracy": "accuracy"}.get(metric, metric)
     return Table(
@@ -190,7 +203,14 @@ def aggregate_table(
             "(before DA); regret: the oracle's pick minus it; ρ: Spearman correlation of its "
             f"per-evaluation score with target val {metric_label} (n: {unit} where defined); "
             f"w/l/t: {unit} where it is above / below / level with latest and with the source map, "
-            "p from a two-sided sign test over the non-ties. Oracles read target labels."
+            "p from a two-sided sign test over the non-ties"
+            + (
+                ""
+                if pooled
+                else "; position: where in the game it picks (its step over the last evaluated "
+                f"step, 0 = the source map, 1 = the end), median and quartiles over {unit}"
+            )
+            + ". Oracles read target labels."
         ),
         header=[
             "criterion",
@@ -201,10 +221,20 @@ def aggregate_table(
             "Spearman ρ",
             "vs latest (w/l/t)",
             "vs source (w/l/t)",
-        ],
+        ]
+        + ([] if pooled else ["position"]),
         rows=rows,
         num_label_columns=1,
     )
+
+
+def _median_quartiles(values: Sequence[float | None]) -> str:
+    """'median (q1-q3)' of the values that exist, '–' if none."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return "–"
+    q1, median, q3 = np.percentile(present, [25, 50, 75])
+    return f"{median:.2f} ({q1:.2f}-{q3:.2f})"
 
 
 def per_run_table(runs: Sequence[Run]) -> str:
@@ -318,6 +348,61 @@ def plot_scatter(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def plot_trajectory(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
+    """Target val metric against the position in the game (step over the last evaluated step):
+    every run thin, the mean over runs and its quartile band bold, and each criterion's median
+    pick position as a dotted line: where the good maps lie, and where each criterion looks."""
+    grid = np.linspace(0.0, 1.0, 101)
+    metric = _metric(runs[0])
+    figure = Figure(figsize=(9, 4.5))
+    axes = figure.subplots()
+    curves = []
+    for run in runs:
+        points = {
+            row["step"]: row[f"target_val_{metric}"]
+            for row in run.history
+            if row.get("step") is not None and row.get(f"target_val_{metric}") is not None
+        }
+        if len(points) < 2 or max(points) <= 0:
+            continue
+        steps = np.asarray(sorted(points), np.float64)
+        values = np.asarray([points[s] for s in sorted(points)], np.float64)
+        curves.append(np.interp(grid, steps / steps[-1], values))
+        axes.plot(steps / steps[-1], values, "-", color="grey", linewidth=0.5, alpha=0.4)
+    if curves:
+        stacked = np.stack(curves)
+        q1, q3 = np.percentile(stacked, [25, 75], axis=0)
+        axes.fill_between(grid, q1, q3, color="black", alpha=0.15, linewidth=0)
+        axes.plot(
+            grid,
+            stacked.mean(axis=0),
+            "-",
+            color="black",
+            linewidth=2.5,
+            label=f"mean over {len(curves)} (band: quartiles)",
+        )
+    names = criterion_names(run.results for run in runs)
+    for index, name in enumerate(names):
+        picks = [p for p in (position(run, name) for run in runs) if p is not None]
+        if picks:
+            axes.axvline(
+                float(np.median(picks)),
+                color=CRITERION_COLOURS[index % len(CRITERION_COLOURS)],
+                linestyle=":",
+                linewidth=1.5,
+                label=f"{criterion_label(runs, name)}: median pick",
+            )
+    axes.set(
+        xlabel="position in the game (step / last evaluated step)",
+        ylabel=f"target val {metric} (needs target labels)",
+        xlim=(0, 1),
+    )
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return path
+
+
 def write(runs: Sequence[Run], out: pathlib.Path, file_name) -> bool:
     """selection.md and selection.tex with figures under figures/selection/; False when there is
     no ADDA or digits run."""
@@ -354,6 +439,8 @@ def write(runs: Sequence[Run], out: pathlib.Path, file_name) -> bool:
         share = f"{bad} of {total} ({100 * bad / total:.0f}%)" if total else "–"
         scatter = f"figures/selection/{file_name(f'scatter_{label}')}.png"
         plot_scatter(group, out / scatter)
+        trajectory = f"figures/selection/{file_name(f'trajectory_{label}')}.png"
+        plot_trajectory(group, out / trajectory)
         run_figures = []
         for run in group:
             link = f"figures/selection/{file_name(run.description)}.png"
@@ -363,6 +450,7 @@ def write(runs: Sequence[Run], out: pathlib.Path, file_name) -> bool:
             f"\n## {label}\n\n{table.caption}\n\n{table.to_markdown()}\n"
             f"Degenerate evaluations (recall and specificity both 0 or 1): {share}.\n"
             + pooled_text
+            + f"\n![target val over the game, each criterion's median pick]({trajectory})\n"
             + f"\n![scores against target val]({scatter})\n\n### Per run\n\n"
             + per_run_table(group)
             + "\nScores over each run, normalised, with target val (the dotted lines: picks):\n\n"
