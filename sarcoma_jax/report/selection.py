@@ -95,11 +95,16 @@ def degenerate_evaluations(run: Run) -> tuple[int, int]:
     return degenerate, len(rows)
 
 
+def _last_step(run: Run) -> int:
+    """The run's last evaluated step: the scale of positions in the game (0 if none)."""
+    return max((row["step"] for row in run.history if row.get("step") is not None), default=0)
+
+
 def position(run: Run, name: str) -> float | None:
     """Where in the game a criterion picks: its step over the last evaluated step (0 = the
     source map, 1 = the end of the game); None if it picked nothing."""
     step = run.results.get("criteria", {}).get(name, {}).get("step")
-    last = max((row["step"] for row in run.history if row.get("step") is not None), default=0)
+    last = _last_step(run)
     return None if step is None or last <= 0 else step / last
 
 
@@ -363,12 +368,13 @@ def plot_trajectory(runs: Sequence[Run], path: pathlib.Path) -> pathlib.Path:
             for row in run.history
             if row.get("step") is not None and row.get(f"target_val_{metric}") is not None
         }
-        if len(points) < 2 or max(points) <= 0:
+        last = _last_step(run)  # the same scale as the criteria's positions
+        if len(points) < 2 or last <= 0:
             continue
-        steps = np.asarray(sorted(points), np.float64)
+        steps = np.asarray(sorted(points), np.float64) / last
         values = np.asarray([points[s] for s in sorted(points)], np.float64)
-        curves.append(np.interp(grid, steps / steps[-1], values))
-        axes.plot(steps / steps[-1], values, "-", color="grey", linewidth=0.5, alpha=0.4)
+        curves.append(np.interp(grid, steps, values))
+        axes.plot(steps, values, "-", color="grey", linewidth=0.5, alpha=0.4)
     if curves:
         stacked = np.stack(curves)
         q1, q3 = np.percentile(stacked, [25, 75], axis=0)
