@@ -27,9 +27,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from data_pipeline import dicom_rules, loader
 from data_pipeline import index as index_lib
 from data_pipeline import ingest as ingest_lib
-from data_pipeline import loader
 from data_pipeline import preprocess as preprocess_lib
 from data_pipeline import splits as splits_lib
 from data_pipeline.vocabulary import DOMAIN_ALIASES, DOMAINS
@@ -159,15 +159,16 @@ def _ingest_into(dicom_dir, clinical, split_scheme, seed, workers, progress):
 
 
 def _folder_fingerprint(folder: pathlib.Path) -> list:
-    """(relative path, size, mtime_ns) of every file below folder, sorted; no file is read."""
+    """(relative path, size, mtime_ns) of every file below folder, sorted, as ingest walks it
+    (links to folders followed: dicom_rules.walk_folder); no file is read. A file that cannot be
+    stat'ed (a broken link) enters as (path, None, None), which ingest names and skips."""
     entries = []
-    for root, dirs, names in os.walk(folder):
-        dirs.sort()
-        for name in sorted(names):
-            stat = os.stat(os.path.join(root, name))
-            entries.append(
-                (os.path.relpath(os.path.join(root, name), folder), stat.st_size, stat.st_mtime_ns)
-            )
+    for path in dicom_rules.walk_folder(folder).files:
+        try:
+            stat = os.stat(path)
+            entries.append((os.path.relpath(path, folder), stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            entries.append((os.path.relpath(path, folder), None, None))
     return entries
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pydicom
 
+from data_pipeline import dicom_rules
 from data_pipeline.dicom_header import Header, read_header
 from data_pipeline.dicom_rules import InputProblem, SliceProblem
 from data_pipeline.vocabulary import IMAGE_MODALITIES
@@ -151,9 +152,10 @@ def load_series(folder_or_files: str | os.PathLike | Iterable[str | os.PathLike]
         folder = str(folder_or_files)
         if not os.path.isdir(folder):
             raise InputProblem(folder, "no such folder")
-        files = sorted(
-            os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-        )
+        walk = dicom_rules.walk_folder(folder)  # links to folders followed, each read once
+        if walk.problems:
+            raise walk.problems[0]
+        files = walk.files
     else:
         files = sorted(str(f) for f in folder_or_files)
         folder = os.path.commonpath(files) if files else None

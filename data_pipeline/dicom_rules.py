@@ -9,6 +9,7 @@ plausibility bounds of our own that keep the arithmetic finite (a pixel spacing 
 and 10 m, coordinates within 10 km of the origin).
 """
 
+import dataclasses
 import math
 import os
 import stat
@@ -55,6 +56,81 @@ def regular_file(path: str) -> os.stat_result:
         kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "not a file")
         raise InputProblem(path, f"not a regular file ({kind})")
     return status
+
+
+@dataclasses.dataclass
+class FolderWalk:
+    """What lies below a folder (walk_folder).
+
+    Attributes:
+      files: every entry that is not a folder, sorted by folder then name (special files and broken
+        links too: the readers name them with regular_file).
+      empty: the folders that hold nothing at all.
+      problems: one per folder not read: unreadable, or the same folder as one read already.
+    """
+
+    files: list[str]
+    empty: list[str]
+    problems: list[InputProblem]
+
+
+def walk_folder(folder: str | os.PathLike) -> FolderWalk:
+    """Every entry below ``folder``, following links to folders, each real folder read once.
+
+    A cohort folder is often put together from links to each patient's folder, which os.walk
+    skips by default: that would lose every linked patient without a word. Following links could
+    walk forever (a link to a folder above it) or read a folder twice (two links to it, which
+    ingest would see as every slice twice), so a folder reached again (by (device, inode), in
+    sorted order: the first path wins) is a problem and not read again. A folder that cannot be
+    listed is a problem too (os.walk would drop it silently).
+    """
+    root = os.fspath(folder)
+    files: list[str] = []
+    empty: list[str] = []
+    problems: list[InputProblem] = []
+    claimed: dict[tuple[int, int], str] = {}
+    try:
+        status = os.stat(root)
+        claimed[(status.st_dev, status.st_ino)] = root
+    except OSError:
+        pass  # os.walk reports it through on_error
+
+    def on_error(error: OSError) -> None:
+        problems.append(
+            InputProblem(
+                error.filename or root,
+                f"unreadable folder ({error.strerror or type(error).__name__})",
+            )
+        )
+
+    for here, dirs, names in os.walk(root, onerror=on_error, followlinks=True):
+        if not dirs and not names:
+            empty.append(here)
+        kept = []
+        for name in sorted(dirs):
+            path = os.path.join(here, name)
+            try:
+                status = os.stat(path)
+            except OSError as e:
+                problems.append(
+                    InputProblem(
+                        path, f"unreadable folder ({e.strerror or type(e).__name__})"
+                    )
+                )
+                continue
+            key = (status.st_dev, status.st_ino)
+            if key in claimed:
+                first = os.path.relpath(claimed[key], root)
+                first = "the top folder" if first == "." else f"'{first}'"
+                problems.append(
+                    InputProblem(path, f"the same folder as {first}, read already")
+                )
+                continue
+            claimed[key] = path
+            kept.append(name)
+        dirs[:] = kept
+        files.extend(os.path.join(here, name) for name in sorted(names))
+    return FolderWalk(files, empty, problems)
 
 
 _SPECIAL_FILES = (

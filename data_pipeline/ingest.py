@@ -212,26 +212,22 @@ def _series_key(key: str, domain: str, series_uid: str) -> str:
 
 def _walk(
     dicom_dir: str, skip: tuple[int, int] | None = None
-) -> tuple[list[str], list[str], list[InputProblem]]:
-    """All regular files below ``dicom_dir`` (sorted, links followed) but the one whose (device,
-    inode) is ``skip``, the folders that hold nothing at all, and a problem for every other entry
-    (a FIFO, a socket, a device, a broken or looping link): reading one could block forever or
-    never end."""
-    files, empty, unusable = [], [], []
-    for root, dirs, names in os.walk(dicom_dir):
-        dirs.sort()
-        if not dirs and not names:
-            empty.append(root)
-        for name in sorted(names):
-            path = os.path.join(root, name)
-            try:
-                status = dicom_rules.regular_file(path)
-            except InputProblem as problem:
-                unusable.append(problem)
-                continue
-            if (status.st_dev, status.st_ino) != skip:
-                files.append(path)
-    return files, empty, unusable
+) -> tuple[list[str], dicom_rules.FolderWalk, list[InputProblem]]:
+    """All regular files below ``dicom_dir`` (sorted, links to files and folders followed, each
+    folder read once: dicom_rules.walk_folder) but the one whose (device, inode) is ``skip``, the
+    walk (its empty folders and folders not read), and a problem for every other entry (a FIFO, a
+    socket, a device, a broken or looping link): reading one could block forever or never end."""
+    walk = dicom_rules.walk_folder(dicom_dir)
+    files, unusable = [], []
+    for path in walk.files:
+        try:
+            status = dicom_rules.regular_file(path)
+        except InputProblem as problem:
+            unusable.append(problem)
+            continue
+        if (status.st_dev, status.st_ino) != skip:
+            files.append(path)
+    return files, walk, unusable
 
 
 def ingest(
@@ -297,11 +293,13 @@ def ingest(
     clinical_rows = clinical_lib.read_clinical(clinical) if clinical else {}
     # A clinical table kept inside the DICOM tree is not a bad DICOM file.
     clinical_id = (os.stat(clinical).st_dev, os.stat(clinical).st_ino) if clinical else None
-    files, empty_folders, unusable = _walk(dicom_dir, clinical_id)
-    if not files and not unusable:
+    files, walk, unusable = _walk(dicom_dir, clinical_id)
+    if not files and not unusable and not walk.problems:
         raise InputProblem(display_path(dicom_dir), "empty folder: no files to ingest")
-    for folder in empty_folders:
+    for folder in walk.empty:
         report(f"{relative(folder)}: empty folder")
+    for problem in walk.problems:
+        report(f"{relative(problem.path)}: {problem.reason}; skipped")
     for problem in unusable:
         report_file(problem)
     summary.files_seen = len(files) + len(unusable)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from data_pipeline import dicom_io, rtstruct
+from data_pipeline import dicom_io, dicom_rules, rtstruct
 from data_pipeline.dicom_io import Header, InputProblem
 from data_pipeline.rtstruct import SeriesGeometry, StructureSet
 from data_pipeline.vocabulary import IMAGE_MODALITIES
@@ -68,10 +68,13 @@ def scan_dicom_dir(
     root = os.path.abspath(dicom_dir)
     if not os.path.isdir(root):
         raise InputProblem(dicom_dir, "no such folder")
-    files = sorted(os.path.join(r, name) for r, _, names in os.walk(root) for name in names)
-    if not files:
+    walk = dicom_rules.walk_folder(root)  # links to folders followed, each folder read once
+    if not walk.files and not walk.problems:
         raise InputProblem(dicom_dir, "empty folder")
     scan = DicomScan(collections.defaultdict(list), [], root)
+    for problem in walk.problems:
+        log(f"{scan.relative(problem.path)}: {problem.reason}; skipped")
+    files = walk.files
     for path in files:
         try:
             header = dicom_io.read_header(path)

@@ -16,7 +16,7 @@ from absl.testing import absltest
 
 from data_pipeline import index as index_lib
 from data_pipeline import ingest as ingest_lib
-from data_pipeline import phantom, workers
+from data_pipeline import phantom, series_finder, workers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("SARCOMA_JAX_SHARED", REPO / ".." / "shared"))
@@ -106,6 +106,42 @@ class IngestPhantomTest(absltest.TestCase):
             npz = sorted(glob.glob(os.path.join(self.index_dir, "slices", "*", "*.npz")))
             for path in npz[:20]:
                 self.assertTrue(filecmp.cmp(path, path.replace(self.index_dir, out), shallow=False))
+
+    def test_a_cohort_of_links_to_patient_folders_reads_as_the_folders(self):
+        # A cohort put together from links to each patient's folder, plus a second link to one of
+        # them and a link back up to the cohort: the same index as the real folder, each folder
+        # read once, the two extra links named and skipped (not read twice, not walked forever).
+        with tempfile.TemporaryDirectory() as tmp:
+            cohort = os.path.join(tmp, "cohort")
+            os.makedirs(os.path.join(cohort, "extra"))
+            patients = sorted(p for p in os.listdir(self.dicom) if p.startswith("PHANTOM"))
+            for patient in patients:
+                os.symlink(os.path.join(self.dicom, patient), os.path.join(cohort, patient))
+            os.symlink(os.path.join(self.dicom, patients[0]), os.path.join(cohort, "zz_again"))
+            os.symlink(cohort, os.path.join(cohort, "extra", "up"))
+            clinical = os.path.join(self.dicom, "clinical.csv")
+            summary, lines = _ingest(cohort, os.path.join(tmp, "index"), clinical=clinical)
+            again = f"zz_again: the same folder as '{patients[0]}', read already; skipped"
+            up = "extra/up: the same folder as the top folder, read already; skipped"
+            self.assertEqual(sorted(lines), [up, again])
+            self.assertEqual(summary.files_skipped, 0)
+            self.assertEqual(summary.slices, self.summary.slices)
+            linked = _index_contents(os.path.join(tmp, "index"))
+            real = _index_contents(self.index_dir)
+            self.assertEqual([a[:7] for a in linked], [b[:7] for b in real])
+            for a, b in zip(linked, real, strict=True):
+                np.testing.assert_array_equal(a[7], b[7])
+                np.testing.assert_array_equal(a[8], b[8])
+            # The folder reader of predict and evaluate finds the same series the same way.
+            scan_lines = []
+            scan = series_finder.scan_dicom_dir(cohort, log=scan_lines.append)
+            real_scan = series_finder.scan_dicom_dir(self.dicom)
+            self.assertEqual(sorted(scan.images), sorted(real_scan.images))
+            self.assertEqual(
+                {uid: len(h) for uid, h in scan.images.items()},
+                {uid: len(h) for uid, h in real_scan.images.items()},
+            )
+            self.assertEqual(sorted(scan_lines), [up, again])
 
     def test_layout_does_not_matter(self):
         # All files of all patients in one flat folder with meaningless names: same index.
