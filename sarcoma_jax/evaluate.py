@@ -15,6 +15,10 @@ even-odd fill. Per series (one row per patient and series):
   f1               the training resolution's per-slice F1 as results.json defines it (mean over
                    the slices the run selects, tumour slices by default, of the per-slice Dice of
                    the model-grid prediction against the nearest-neighbour resized truth)
+  f1_original      the same per-slice F1 at the original resolution: the mean over the same slices
+                   of the per-slice Dice of the thresholded prediction on the series' own grid
+                   against the rasterised truth; unlike f1, comparable between runs trained at
+                   different image sizes (f1 scores each against its own resized truth)
   f1_results_json  that patient's mean per-slice test F1 in the run's results.json, when the
                    patient was in its test split (else None)
   slices_predicted, slices_true   slices with predicted / true tumour (of `slices`): a model
@@ -69,6 +73,7 @@ ROW_KEYS = (
     "volume_ml",
     "volume_true_ml",
     "f1",
+    "f1_original",
     "f1_results_json",
     "roi_name",
     "linked_by",
@@ -130,6 +135,17 @@ def training_resolution_f1(
     small_truth = np.stack([preprocess_lib.resize_nearest(truth[k], size) for k in chosen])
     small_prediction = prediction.model_probabilities[chosen] >= prediction.threshold
     return float(np.mean(metrics.dice_per_image(small_prediction, small_truth)))
+
+
+def original_resolution_f1(
+    prediction: Prediction, truth: np.ndarray, tumour_only: bool = True
+) -> float | None:
+    """training_resolution_f1's slices and mean, scored on the series' own grid: the prediction
+    mapped back (prediction.mask) against the rasterised truth. None when no slice is selected."""
+    chosen = np.flatnonzero(truth.any(axis=(1, 2))) if tumour_only else np.arange(len(truth))
+    if chosen.size == 0:
+        return None
+    return float(np.mean(metrics.dice_per_image(prediction.mask[chosen], truth[chosen])))
 
 
 def evaluate_dicom_dir(
@@ -262,6 +278,7 @@ def _score(
         "volume_ml": volume_ml(mask, series, thickness),
         "volume_true_ml": volume_ml(truth, series, thickness),
         "f1": training_resolution_f1(prediction, truth, model.tumour_only),
+        "f1_original": original_resolution_f1(prediction, truth, model.tumour_only),
         "f1_results_json": results_test_f1_per_patient(model).get(
             ingest.patient_key(series.patient_id, None)
         ),
@@ -302,6 +319,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], model: LoadedModel) -> dict[str
         "hd95_undefined": sum(row["hd95_mm"] is None for row in mine),
         "volume_error_ml": _stats(volume_errors),
         "f1": _stats([row["f1"] for row in mine]),
+        "f1_original": _stats([row["f1_original"] for row in mine]),
         "results_json_test_f1": results_test_f1(model),
     }
 
@@ -320,12 +338,13 @@ def render_markdown(evaluation: Mapping[str, Any]) -> str:
         "",
         f"Threshold {model['threshold']}, training resolution {model['image_size']} px. Dice and "
         "HD95 in 3D at the original resolution; f1 = results.json's per-slice F1 at the training "
-        "resolution; f1 (results.json) = the run's own test value for the patient, when it was a "
-        "test patient.",
+        "resolution; f1 original = the same slices' F1 at the original resolution (comparable "
+        "across training resolutions); f1 (results.json) = the run's own test value for the "
+        "patient, when it was a test patient.",
         "",
         "| checkpoint | series | Dice 3D mean ± sd | median | HD95 mm median | HD95 undefined "
-        "| volume error ml mean | f1 mean | results.json test F1 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| volume error ml mean | f1 mean | f1 original mean | results.json test F1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, summary in evaluation["summary"].items():
         dice, hd95 = summary["dice_3d"], summary["hd95_mm"]
@@ -333,20 +352,21 @@ def render_markdown(evaluation: Mapping[str, Any]) -> str:
             f"| {name} | {summary['series']} | {_cell(dice['mean'])} ± {_cell(dice['sd'])} "
             f"| {_cell(dice['median'])} | {_cell(hd95['median'], 1)} | {summary['hd95_undefined']} "
             f"| {_cell(summary['volume_error_ml']['mean'], 1)} | {_cell(summary['f1']['mean'])} "
+            f"| {_cell(summary['f1_original']['mean'])} "
             f"| {_cell(summary['results_json_test_f1'])} |"
         )
     lines += [
         "",
-        "| checkpoint | patient | Dice 3D | HD95 mm | volume ml | true ml | f1 | f1 (results.json) "
-        "| slices with tumour: predicted / true / all | ROI | linked by |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| checkpoint | patient | Dice 3D | HD95 mm | volume ml | true ml | f1 | f1 original "
+        "| f1 (results.json) | slices with tumour: predicted / true / all | ROI | linked by |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in evaluation["per_patient"]:
         lines.append(
             f"| {row['checkpoint']} | {row['patient_key']} | {_cell(row['dice_3d'])} "
             f"| {_cell(row['hd95_mm'], 1)} | {_cell(row['volume_ml'], 1)} "
             f"| {_cell(row['volume_true_ml'], 1)} | {_cell(row['f1'])} "
-            f"| {_cell(row['f1_results_json'])} "
+            f"| {_cell(row['f1_original'])} | {_cell(row['f1_results_json'])} "
             f"| {row['slices_predicted']} / {row['slices_true']} / {row['slices']} "
             f"| {row['roi_name']} | {row['linked_by']} |"
         )

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 
 import highdicom
 import jax
@@ -178,9 +179,11 @@ class PredictEndToEndTest(absltest.TestCase):
                 "volume_ml",
                 "volume_true_ml",
                 "f1",
+                "f1_original",
             ):
                 self.assertIn(key, row)
             self.assertBetween(row["dice_3d"], 0.0, 1.0)
+            self.assertBetween(row["f1_original"], 0.0, 1.0)
             self.assertGreater(row["volume_true_ml"], 0.0)
             self.assertEqual(row["roi_name"], "GTV_Mass")
             name = predict.series_folder_name(row["patient_key"], "CT", row["series_uid"])
@@ -416,6 +419,18 @@ class MetricsTest(absltest.TestCase):
         b[0, :2, :] = True  # 8 voxels, 4 shared
         self.assertAlmostEqual(evaluate.dice_3d(a, b), 2 * 4 / 12)
         self.assertEqual(evaluate.dice_3d(a & False, b & False), 1.0)
+
+    def test_original_resolution_f1_by_hand(self):
+        truth = np.zeros((3, 4, 4), bool)
+        mask = np.zeros((3, 4, 4), bool)
+        mask[0, 0, 0] = True  # a slice without tumour: left out unless every slice is scored
+        truth[1, 0, :] = True  # 4 pixels; predicted: 2 of them and 2 others -> 2 * 2 / 8
+        mask[1, 0, :2] = mask[1, 3, :2] = True
+        truth[2, 1, 1:3] = mask[2, 1, 1:3] = True  # exact -> 1
+        prediction = types.SimpleNamespace(mask=mask)
+        self.assertAlmostEqual(evaluate.original_resolution_f1(prediction, truth), 0.75)
+        self.assertAlmostEqual(evaluate.original_resolution_f1(prediction, truth, False), 0.5)
+        self.assertIsNone(evaluate.original_resolution_f1(prediction, truth & False))
 
 
 class UpsamplingTest(absltest.TestCase):
